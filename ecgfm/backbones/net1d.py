@@ -1,0 +1,302 @@
+"""ECGFounder's Net1D (a RegNet-style 1-D CNN), module for module, so its published state_dicts load strictly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ecgfm.backbones.checkpoint import load_state_dict_file, load_strict
+from ecgfm.backbones.registry import InputSpec, register_backbone
+
+
+def _same_padding(length: int, kernel_size: int, stride: int) -> tuple[int, int]:
+    """TensorFlow-style SAME padding: out = ceil(L / stride); the odd sample goes to the right."""
+    out_len = (length + stride - 1) // stride
+    pad = max(0, (out_len - 1) * stride + kernel_size - length)
+    return pad // 2, pad - pad // 2
+
+
+class MyConv1dPadSame(nn.Module):
+    """Conv1d with SAME padding (the name is ECGFounder's; state_dict keys end in ``.conv.weight``)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int, groups: int = 1):
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.stride = stride
+        self.conv = nn.Conv1d(in_channels, out_channels, kernel_size, stride, groups=groups)
+
+    def forward(self, x: Tensor) -> Tensor:
+        left, right = _same_padding(x.shape[-1], self.kernel_size, self.stride)
+        return self.conv(F.pad(x, (left, right)))
+
+
+class MyMaxPool1dPadSame(nn.Module):
+    """MaxPool1d(kernel) after SAME padding computed with stride 1 (so kernel 2 pads one zero on the right)."""
+
+    def __init__(self, kernel_size: int):
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.max_pool = nn.MaxPool1d(kernel_size=kernel_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        left, right = _same_padding(x.shape[-1], self.kernel_size, 1)
+        return self.max_pool(F.pad(x, (left, right)))
+
+
+class Swish(nn.Module):
+    """x * sigmoid(x)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * torch.sigmoid(x)
+
+
+class BasicBlock(nn.Module):
+    """Pre-activation bottleneck (1x1, grouped kxk, 1x1) with squeeze-excitation and a padded identity."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        ratio: float,
+        kernel_size: int,
+        stride: int,
+        groups: int,
+        downsample: bool,
+        is_first_block: bool = False,
+        use_bn: bool = True,
+        use_do: bool = True,
+    ):
+        super().__init__()
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.downsample = downsample
+        self.is_first_block = is_first_block
+        self.use_bn = use_bn
+        self.use_do = use_do
+        middle = int(out_channels * ratio)
+
+        self.bn1 = nn.BatchNorm1d(in_channels)
+        self.activation1 = Swish()
+        self.do1 = nn.Dropout(p=0.5)
+        self.conv1 = MyConv1dPadSame(in_channels, middle, kernel_size=1, stride=1)
+
+        self.bn2 = nn.BatchNorm1d(middle)
+        self.activation2 = Swish()
+        self.do2 = nn.Dropout(p=0.5)
+        self.conv2 = MyConv1dPadSame(middle, middle, kernel_size=kernel_size, stride=stride, groups=groups)
+
+        self.bn3 = nn.BatchNorm1d(middle)
+        self.activation3 = Swish()
+        self.do3 = nn.Dropout(p=0.5)
+        self.conv3 = MyConv1dPadSame(middle, out_channels, kernel_size=1, stride=1)
+
+        self.se_fc1 = nn.Linear(out_channels, out_channels // 2)
+        self.se_fc2 = nn.Linear(out_channels // 2, out_channels)
+        self.se_activation = Swish()
+
+        if downsample:
+            self.max_pool = MyMaxPool1dPadSame(kernel_size=stride)
+
+    def _pre(self, x: Tensor, bn: nn.Module, act: nn.Module, do: nn.Module) -> Tensor:
+        if self.use_bn:
+            x = bn(x)
+        x = act(x)
+        return do(x) if self.use_do else x
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x
+        out = x if self.is_first_block else self._pre(x, self.bn1, self.activation1, self.do1)
+        out = self.conv1(out)
+        out = self.conv2(self._pre(out, self.bn2, self.activation2, self.do2))
+        out = self.conv3(self._pre(out, self.bn3, self.activation3, self.do3))
+
+        se = self.se_fc2(self.se_activation(self.se_fc1(out.mean(-1))))
+        out = out * torch.sigmoid(se).unsqueeze(-1)
+
+        if self.downsample:
+            identity = self.max_pool(identity)
+        if self.out_channels != self.in_channels:
+            front = (self.out_channels - self.in_channels) // 2
+            back = self.out_channels - self.in_channels - front
+            identity = F.pad(identity, (0, 0, front, back))
+        return out + identity
+
+
+class BasicStage(nn.Module):
+    """A run of blocks; the first one downsamples (stride) and changes the channel count."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        ratio: float,
+        kernel_size: int,
+        stride: int,
+        groups: int,
+        i_stage: int,
+        m_blocks: int,
+        use_bn: bool = True,
+        use_do: bool = True,
+    ):
+        super().__init__()
+        self.block_list = nn.ModuleList(
+            BasicBlock(
+                in_channels=in_channels if i_block == 0 else out_channels,
+                out_channels=out_channels,
+                ratio=ratio,
+                kernel_size=kernel_size,
+                stride=stride if i_block == 0 else 1,
+                groups=groups,
+                downsample=i_block == 0,
+                is_first_block=i_stage == 0 and i_block == 0,
+                use_bn=use_bn,
+                use_do=use_do,
+            )
+            for i_block in range(m_blocks)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        for block in self.block_list:
+            x = block(x)
+        return x
+
+
+class Net1D(nn.Module):
+    """ECGFounder's backbone. ``forward`` gives logits, ``forward_features`` the time-averaged features.
+
+    The argument names are ECGFounder's, so its constructor calls work unchanged.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 12,
+        base_filters: int = 64,
+        ratio: float = 1,
+        filter_list: list[int] | tuple[int, ...] = (64, 160, 160, 400, 400, 1024, 1024),
+        m_blocks_list: list[int] | tuple[int, ...] = (2, 2, 2, 3, 3, 4, 4),
+        kernel_size: int = 16,
+        stride: int = 2,
+        groups_width: int = 16,
+        n_classes: int = 150,
+        use_bn: bool = False,
+        use_do: bool = False,
+        input_spec: InputSpec | None = None,
+    ):
+        super().__init__()
+        if len(filter_list) != len(m_blocks_list):
+            raise ValueError(f"filter_list {filter_list} and m_blocks_list {m_blocks_list} differ in length")
+        self.use_bn = use_bn
+        self.config = {
+            "in_channels": in_channels,
+            "base_filters": base_filters,
+            "ratio": ratio,
+            "filter_list": list(filter_list),
+            "m_blocks_list": list(m_blocks_list),
+            "kernel_size": kernel_size,
+            "stride": stride,
+            "groups_width": groups_width,
+            "n_classes": n_classes,
+            "use_bn": use_bn,
+            "use_do": use_do,
+        }
+        self.input_spec = input_spec or InputSpec()
+        self.first_conv = MyConv1dPadSame(in_channels, base_filters, kernel_size=kernel_size, stride=2)
+        self.first_bn = nn.BatchNorm1d(base_filters)
+        self.first_activation = Swish()
+        self.stage_list = nn.ModuleList()
+        channels = base_filters
+        for i_stage, (out_channels, m_blocks) in enumerate(zip(filter_list, m_blocks_list, strict=True)):
+            self.stage_list.append(
+                BasicStage(
+                    in_channels=channels,
+                    out_channels=out_channels,
+                    ratio=ratio,
+                    kernel_size=kernel_size,
+                    stride=stride,
+                    groups=out_channels // groups_width,
+                    i_stage=i_stage,
+                    m_blocks=m_blocks,
+                    use_bn=use_bn,
+                    use_do=use_do,
+                )
+            )
+            channels = out_channels
+        self.num_features = channels
+        self.dense = nn.Linear(channels, n_classes)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """[B, in_channels, T] -> [B, num_features], the mean over time of the last stage."""
+        out = self.first_conv(x)
+        if self.use_bn:
+            out = self.first_bn(out)
+        out = self.first_activation(out)
+        for stage in self.stage_list:
+            out = stage(out)
+        return out.mean(-1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dense(self.forward_features(x))
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace ``dense`` with a fresh Linear(num_features -> num_classes)."""
+        self.dense = nn.Linear(self.num_features, num_classes)
+        self.config["n_classes"] = num_classes
+
+    def load_pretrained(self, path: Path) -> None:
+        """Load an ECGFounder-format checkpoint strictly; its head is dropped only when its shape differs."""
+        state = checkpoint_filter_fn(load_state_dict_file(path))
+        head = state.get("dense.weight")
+        new_head = head is not None and tuple(head.shape) != tuple(self.dense.weight.shape)
+        if new_head:
+            state = {k: v for k, v in state.items() if not k.startswith("dense.")}
+        load_strict(self, state, source=path, allow_missing=("dense.",) if new_head else ())
+
+
+def checkpoint_filter_fn(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Adapt a foreign state_dict: strip the ``module.``/``model.``/``backbone.`` prefixes wrappers add."""
+    out: dict[str, Tensor] = {}
+    for key, value in state_dict.items():
+        for prefix in ("module.", "model.", "backbone.", "net."):
+            if key.startswith(prefix):
+                key = key[len(prefix) :]
+        out[key] = value
+    return out
+
+
+def _net1d(num_classes: int | None, lead_names: tuple[str, ...] | None = None, **kwargs) -> Net1D:
+    spec = InputSpec(lead_names=lead_names) if lead_names else InputSpec()
+    kwargs.setdefault("in_channels", len(spec.lead_names))
+    if num_classes is not None:
+        kwargs["n_classes"] = num_classes
+    return Net1D(input_spec=spec, **kwargs)
+
+
+@register_backbone("ecgfounder-12lead")
+def ecgfounder_12lead(num_classes: int | None = None, **kwargs) -> Net1D:
+    """ECGFounder's released 12-lead Net1D (30.8 M parameters, 150 labels)."""
+    return _net1d(num_classes, **kwargs)
+
+
+@register_backbone("ecgfounder-1lead")
+def ecgfounder_1lead(num_classes: int | None = None, **kwargs) -> Net1D:
+    """ECGFounder's released single-lead Net1D: lead I only."""
+    return _net1d(num_classes, lead_names=("I",), **kwargs)
+
+
+@register_backbone("net1d-small")
+def net1d_small(num_classes: int | None = None, **kwargs) -> Net1D:
+    """A ~0.4 M-parameter Net1D with the same structure, for CPU demos and fine-tuning from scratch."""
+    defaults = dict(base_filters=32, filter_list=[32, 64, 64, 128, 128], m_blocks_list=[1, 1, 1, 1, 1])
+    defaults.update(kwargs)
+    return _net1d(num_classes, **defaults)
+
+
+@register_backbone("net1d-tiny")
+def net1d_tiny(num_classes: int | None = None, **kwargs) -> Net1D:
+    """A few-thousand-parameter Net1D for unit tests."""
+    defaults = dict(base_filters=16, filter_list=[16, 32], m_blocks_list=[1, 1], kernel_size=8)
+    defaults.update(kwargs)
+    return _net1d(num_classes, **defaults)
