@@ -1,0 +1,105 @@
+"""The ``ecgfm`` command: LightningCLI for fit/validate/test/predict, plus shard, quickstart and list-backbones."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from jsonargparse import ActionConfigFile, ArgumentParser
+from lightning.pytorch.cli import LightningCLI
+
+from ecgfm.data.datamodule import ShardDataModule
+from ecgfm.tasks import FineTuneTask
+
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+
+USAGE = """usage: ecgfm COMMAND [options]
+
+commands:
+  fit | validate | test | predict   train or evaluate from a YAML recipe: ecgfm fit --config recipes/...yaml
+  shard                             convert a folder of records (+ label table) into HDF5 shards
+  shard verify DIR                  check every shard of DIR against its manifest
+  quickstart                        convert the bundled LUDB recordings, fine-tune, and evaluate
+  list-backbones                    the registered backbone names
+
+`ecgfm COMMAND --help` shows the options of a command.
+"""
+
+
+def run_lightning(argv: list[str]) -> LightningCLI:
+    """Run a LightningCLI subcommand (``fit --config recipe.yaml ...``) and return the CLI object."""
+    return LightningCLI(
+        FineTuneTask,
+        ShardDataModule,
+        args=argv,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"parser_mode": "yaml"},
+        auto_configure_optimizers=False,
+    )
+
+
+def shard_parser() -> ArgumentParser:
+    from ecgfm.data.convert import convert
+
+    parser = ArgumentParser(
+        prog="ecgfm shard", description="Convert a folder of ECG records into HDF5 shards."
+    )
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML file with any of the options below")
+    parser.add_function_arguments(convert)
+    return parser
+
+
+def run_shard(argv: list[str]) -> int:
+    from ecgfm.data.convert import convert
+    from ecgfm.data.shards import verify_shards
+
+    if argv[:1] == ["verify"]:
+        if len(argv) != 2:
+            print("usage: ecgfm shard verify SHARD_DIR", file=sys.stderr)
+            return 2
+        problems = verify_shards(argv[1])
+        for line in problems:
+            print(f"FAILED {line}")
+        print(f"{len(problems)} problem(s) in {argv[1]}")
+        return 1 if problems else 0
+    parser = shard_parser()
+    cfg = parser.parse_args(argv)
+    kwargs = {
+        k: v for k, v in vars(parser.instantiate_classes(cfg)).items() if k not in ("config", "__path__")
+    }
+    summary = convert(**kwargs)
+    summary.print()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command in LIGHTNING_COMMANDS:
+        run_lightning(argv)
+        return 0
+    if command == "shard":
+        return run_shard(rest)
+    if command == "quickstart":
+        from ecgfm.quickstart import run_quickstart_cli
+
+        return run_quickstart_cli(rest)
+    if command == "list-backbones":
+        from ecgfm.backbones import list_backbones
+
+        print("\n".join(list_backbones()))
+        return 0
+    print(f"ecgfm: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+def recipes_dir() -> Path:
+    """The project's recipes/ folder (beside the package in a source checkout or editable install)."""
+    return Path(__file__).resolve().parents[1] / "recipes"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

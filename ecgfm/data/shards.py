@@ -1,0 +1,248 @@
+"""HDF5 shard format v1: int16 µV segments + lead mask + targets + ids; an atomic writer, a reader and a verifier.
+
+The format is specified in docs/shard-format.md; bump ``SHARD_VERSION`` when it changes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from ecgfm.leads import STANDARD_LEADS
+
+SHARD_FORMAT = "ecgfm-shard"
+SHARD_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+INT16_MIN, INT16_MAX = -32767, 32767  # -32768 is left free: it is WFDB's "invalid sample"
+
+
+class ShardError(RuntimeError):
+    """A shard or manifest that is missing, corrupt or of another format; the message names the file."""
+
+
+@dataclass
+class TargetSpec:
+    """One target stored in the shards: ``kind`` is multilabel | regression | multiclass | binary."""
+
+    kind: str
+    names: list[str]
+    units: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("multilabel", "regression", "multiclass", "binary"):
+            raise ValueError(f"unknown target kind {self.kind!r}")
+
+
+@dataclass
+class Manifest:
+    """manifest.json beside the shards: shard list with counts, target vocabularies, split by patient."""
+
+    shards: list[dict[str, Any]] = field(default_factory=list)  # {"path", "n_segments", "sha256"?}
+    targets: dict[str, TargetSpec] = field(default_factory=dict)
+    fs: float = 500.0
+    n_samples: int = 5000
+    lead_names: list[str] = field(default_factory=lambda: list(STANDARD_LEADS))
+    format: str = SHARD_FORMAT
+    version: int = SHARD_VERSION
+    source: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_segments(self) -> int:
+        return sum(int(s["n_segments"]) for s in self.shards)
+
+    def save(self, root: Path) -> Path:
+        path = Path(root) / MANIFEST_NAME
+        data = asdict(self)
+        data["n_segments"] = self.n_segments
+        _atomic_write_text(path, json.dumps(data, indent=2))
+        return path
+
+    @classmethod
+    def load(cls, root: str | Path) -> Manifest:
+        root = Path(root)
+        path = root / MANIFEST_NAME if root.is_dir() else root
+        if not path.is_file():
+            raise ShardError(f"no {MANIFEST_NAME} at {path}: run `ecgfm shard` first")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ShardError(f"{path} is not valid JSON: {err}") from err
+        if data.get("format") != SHARD_FORMAT or data.get("version") != SHARD_VERSION:
+            raise ShardError(
+                f"{path} is format {data.get('format')!r} v{data.get('version')}; "
+                f"this ecgfm reads {SHARD_FORMAT} v{SHARD_VERSION}"
+            )
+        data.pop("n_segments", None)
+        data["targets"] = {k: TargetSpec(**v) for k, v in data.get("targets", {}).items()}
+        return cls(**data)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def to_int16_microvolts(signal_mv: np.ndarray) -> np.ndarray:
+    """float mV -> int16 µV (1 LSB = 1 µV), clipped to ±32.767 mV; NaN becomes 0."""
+    uv = np.nan_to_num(np.asarray(signal_mv, dtype=np.float64) * 1000.0, nan=0.0)
+    return np.clip(np.rint(uv), INT16_MIN, INT16_MAX).astype(np.int16)
+
+
+class ShardWriter:
+    """Write one shard under a temporary name and rename it into place on ``close()``, so no half shard exists."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        targets: dict[str, TargetSpec],
+        fs: float = 500.0,
+        n_samples: int = 5000,
+        lead_names: tuple[str, ...] = STANDARD_LEADS,
+        attrs: dict[str, Any] | None = None,
+    ):
+        self.path = Path(path)
+        self.tmp_path = self.path.with_name(self.path.name + ".tmp")
+        self.targets = targets
+        self.n_leads = len(lead_names)
+        self.n_samples = n_samples
+        self.n = 0
+        self.flush_every = 256
+        self._buffer: list[tuple] = []
+        self._file = h5py.File(self.tmp_path, "w")
+        f = self._file
+        f.attrs.update(
+            {
+                "format": SHARD_FORMAT,
+                "version": SHARD_VERSION,
+                "fs": fs,
+                "n_samples": n_samples,
+                "lead_names": list(lead_names),
+                "preprocessing": "none (raw µV; preprocessing runs on the device)",
+            }
+        )
+        for key, value in (attrs or {}).items():
+            f.attrs[key] = value
+        shape = (0, self.n_leads, n_samples)
+        f.create_dataset("signal", shape, np.int16, maxshape=(None, *shape[1:]), chunks=(1, *shape[1:]))
+        f.create_dataset("lead_mask", (0, self.n_leads), bool, maxshape=(None, self.n_leads))
+        str_dtype = h5py.string_dtype()
+        f.create_dataset("record_id", (0,), str_dtype, maxshape=(None,))
+        f.create_dataset("patient_id", (0,), str_dtype, maxshape=(None,))
+        f.create_dataset("segment_start", (0,), np.int32, maxshape=(None,))
+        group = f.create_group("targets")
+        for name, spec in targets.items():
+            k = len(spec.names)
+            dset = group.create_dataset(name, (0, k), np.float32, maxshape=(None, k))
+            dset.attrs.update({"names": spec.names, "units": spec.units, "kind": spec.kind})
+
+    def append(
+        self,
+        signal_int16: np.ndarray,
+        lead_mask: np.ndarray,
+        record_id: str,
+        patient_id: str,
+        segment_start: int,
+        targets: dict[str, np.ndarray],
+    ) -> None:
+        """Add one segment: signal int16 [L, T] µV, lead_mask bool [L], targets {name: float32 [K]} (NaN = missing)."""
+        if signal_int16.shape != (self.n_leads, self.n_samples) or signal_int16.dtype != np.int16:
+            raise ShardError(
+                f"segment of {record_id} has shape {signal_int16.shape} {signal_int16.dtype}; "
+                f"expected ({self.n_leads}, {self.n_samples}) int16"
+            )
+        self._buffer.append((signal_int16, lead_mask, record_id, patient_id, segment_start, targets))
+        if len(self._buffer) >= self.flush_every:
+            self.flush()
+
+    def __len__(self) -> int:
+        """Segments appended so far, written or buffered."""
+        return self.n + len(self._buffer)
+
+    def flush(self) -> None:
+        """Write the buffered segments with one resize per dataset (row-by-row resizing is slow)."""
+        if not self._buffer:
+            return
+        f, start, rows = self._file, self.n, self._buffer
+        stop = start + len(rows)
+        columns = {
+            "signal": np.stack([r[0] for r in rows]),
+            "lead_mask": np.stack([np.asarray(r[1], dtype=bool) for r in rows]),
+            "record_id": [r[2] for r in rows],
+            "patient_id": [r[3] for r in rows],
+            "segment_start": np.asarray([r[4] for r in rows], dtype=np.int32),
+        }
+        for name in self.targets:
+            columns[f"targets/{name}"] = np.stack([np.asarray(r[5][name], dtype=np.float32) for r in rows])
+        for name, values in columns.items():
+            f[name].resize(stop, axis=0)
+            f[name][start:stop] = values
+        self.n = stop
+        self._buffer = []
+
+    def close(self) -> Path:
+        """Flush, close and rename into place; returns the final path."""
+        self.flush()
+        self._file.attrs["n_segments"] = self.n
+        self._file.close()
+        os.replace(self.tmp_path, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        """Drop the partial shard."""
+        try:
+            self._file.close()
+        finally:
+            self.tmp_path.unlink(missing_ok=True)
+
+
+def open_shard(path: str | Path) -> h5py.File:
+    """Open a shard read-only and check its format; errors name the file."""
+    path = Path(path)
+    try:
+        f = h5py.File(path, "r")
+    except OSError as err:
+        raise ShardError(f"cannot open shard {path}: {err}") from err
+    if f.attrs.get("format") != SHARD_FORMAT or int(f.attrs.get("version", -1)) != SHARD_VERSION:
+        f.close()
+        raise ShardError(f"{path} is not an {SHARD_FORMAT} v{SHARD_VERSION} shard")
+    return f
+
+
+def verify_shards(root: str | Path) -> list[str]:
+    """Check every shard against the manifest (exists, opens, format, counts, shapes, target names).
+
+    Returns a list of problems, one line each naming the shard; empty when all is well.
+    """
+    root = Path(root)
+    manifest = Manifest.load(root)
+    problems: list[str] = []
+    for entry in manifest.shards:
+        path = root / entry["path"]
+        try:
+            with open_shard(path) as f:
+                n = f["signal"].shape[0]
+                if n != int(entry["n_segments"]):
+                    problems.append(f"{path}: {n} segments, manifest says {entry['n_segments']}")
+                expected = (len(manifest.lead_names), manifest.n_samples)
+                if f["signal"].shape[1:] != expected:
+                    problems.append(f"{path}: signal shape {f['signal'].shape[1:]} != {expected}")
+                for name in ("lead_mask", "record_id", "patient_id", "segment_start"):
+                    if f[name].shape[0] != n:
+                        problems.append(f"{path}: /{name} has {f[name].shape[0]} rows, /signal has {n}")
+                for name, spec in manifest.targets.items():
+                    if f"targets/{name}" not in f:
+                        problems.append(f"{path}: target {name!r} missing")
+                    elif list(f[f"targets/{name}"].attrs["names"]) != spec.names:
+                        problems.append(f"{path}: target {name!r} names differ from the manifest")
+                if n:  # touch the last chunk so a truncated file fails here, not mid-training
+                    f["signal"][n - 1]
+        except (ShardError, OSError, KeyError) as err:
+            problems.append(f"{path}: {err}")
+    return problems

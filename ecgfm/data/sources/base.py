@@ -1,0 +1,178 @@
+"""What every record reader returns, the reader registry, and the shared digital-to-millivolt conversion."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ecgfm.leads import canonical_lead
+
+
+class RecordError(Exception):
+    """A record that cannot be read; the message names the file and the reason."""
+
+
+@dataclass
+class Record:
+    """One recording in physical units (mV), leads named, ready to be resampled, cut and written to shards."""
+
+    record_id: str
+    patient_id: str
+    signal: np.ndarray  # float32 [L, T] in millivolts; NaN where the recorder stored an invalid sample
+    fs: float
+    lead_names: tuple[str, ...]  # canonical names for standard leads, the raw name otherwise
+    path: Path
+    metadata: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.signal.ndim != 2 or self.signal.shape[0] != len(self.lead_names):
+            raise ValueError(
+                f"{self.path}: signal shape {self.signal.shape} does not match "
+                f"{len(self.lead_names)} lead names"
+            )
+
+
+class SourceReader:
+    """Finds the records of one on-disk format under a folder and reads them one by one."""
+
+    name: str = ""
+
+    def find_records(self, root: Path) -> list[Path]:
+        """Record paths (header path minus ``.hea``) under ``root``, sorted so every run sees one order."""
+        root = Path(root)
+        if root.is_file() and root.suffix == ".hea":
+            return [root.with_suffix("")]
+        if not root.is_dir():
+            raise FileNotFoundError(f"{root}: no such folder")
+        return sorted(header.with_suffix("") for header in root.rglob("*.hea") if header.is_file())
+
+    def read(self, path: Path) -> Record:
+        """Read the record at ``path`` (with or without ``.hea``); raises RecordError if it cannot be read."""
+        raise NotImplementedError
+
+
+SOURCES: dict[str, type[SourceReader]] = {}
+
+
+def register_source(name: str) -> Callable[[type[SourceReader]], type[SourceReader]]:
+    """Class decorator that makes a reader available as ``get_source(name)`` (and in configs by that name)."""
+
+    def decorate(cls: type[SourceReader]) -> type[SourceReader]:
+        if name in SOURCES and SOURCES[name] is not cls:
+            raise ValueError(f"source {name!r} is already registered by {SOURCES[name].__name__}")
+        cls.name = name
+        SOURCES[name] = cls
+        return cls
+
+    return decorate
+
+
+def get_source(name: str) -> SourceReader:
+    """A reader instance for a registered source name; unknown names fail with the list of known ones."""
+    if name not in SOURCES:
+        raise ValueError(f"unknown source {name!r}; known sources: {', '.join(sorted(SOURCES))}")
+    return SOURCES[name]()
+
+
+def record_base(path: Path) -> Path:
+    """The record path without a ``.hea`` suffix, so users may pass either form."""
+    path = Path(path)
+    return path.with_suffix("") if path.suffix == ".hea" else path
+
+
+def header_path(record: Path) -> Path:
+    """The ``.hea`` file of a record path (record names may contain dots, so no ``with_suffix``)."""
+    return record.parent / (record.name + ".hea")
+
+
+# Millivolts per unit; keys are case-folded (Challenge headers write "mv", some exports "µV" or "uV").
+# casefold() turns both the micro sign and the Greek mu into "\u03bc".
+_MV_PER_UNIT: dict[str, float] = {"mv": 1.0, "uv": 1e-3, "\u03bcv": 1e-3, "v": 1e3}
+
+
+def mv_per_unit(unit: str | None, path: Path) -> float:
+    """Scale from a header's physical unit to millivolts; a missing unit is mV as in the WFDB spec."""
+    key = (unit or "mV").strip().casefold()
+    if key not in _MV_PER_UNIT:
+        raise RecordError(f"{path}: unknown signal unit {unit!r} (expected mV, uV/µV or V)")
+    return _MV_PER_UNIT[key]
+
+
+def digital_to_mv(
+    digital: np.ndarray,
+    gains: Sequence[float],
+    baselines: Sequence[float],
+    units: Sequence[str | None],
+    invalid: Sequence[int | None],
+    path: Path,
+) -> np.ndarray:
+    """Convert stored integers [L, T] to float32 millivolts per lead; each lead's invalid code becomes NaN."""
+    n_leads = digital.shape[0]
+    if not (len(gains) == len(baselines) == len(units) == len(invalid) == n_leads):
+        raise RecordError(f"{path}: header describes {len(gains)} signals but the data has {n_leads}")
+    out = np.empty(digital.shape, dtype=np.float32)
+    for i in range(n_leads):
+        gain = float(gains[i])
+        if gain == 0 or not math.isfinite(gain):
+            raise RecordError(
+                f"{path}: signal {i} has ADC gain {gains[i]!r} (uncalibrated); cannot convert to mV"
+            )
+        lead = (digital[i].astype(np.float64) - float(baselines[i])) / gain * mv_per_unit(units[i], path)
+        if invalid[i] is not None:
+            lead[digital[i] == invalid[i]] = np.nan
+        out[i] = lead
+    return out
+
+
+def map_lead_names(raw_names: Sequence[str | None], path: Path) -> tuple[str, ...]:
+    """Canonical names for standard leads, raw names for the rest; two signals with one name are an error."""
+    names: list[str] = []
+    first_raw: dict[str, str] = {}
+    for i, raw in enumerate(raw_names):
+        raw = (raw or "").strip()
+        if not raw:
+            raise RecordError(f"{path}: signal {i} has no name; leads are selected by name")
+        name = canonical_lead(raw) or raw
+        if name in first_raw:
+            raise RecordError(f"{path}: signals {first_raw[name]!r} and {raw!r} are both lead {name!r}")
+        first_raw[name] = raw
+        names.append(name)
+    return tuple(names)
+
+
+def parse_comment_fields(comments: Sequence[str]) -> dict[str, str]:
+    """``Key: value`` header comments as a dict with lower-case keys (``<age>: 51`` and ``Age: 51`` alike)."""
+    fields: dict[str, str] = {}
+    for line in comments:
+        key, sep, value = line.partition(":")
+        key = key.strip().strip("<>").strip().lower()
+        if sep and key and key not in fields:
+            fields[key] = value.strip()
+    return fields
+
+
+def parse_age(text: str | None) -> int | None:
+    """Age in whole years, or None for a missing, ``NaN`` or ``Unknown`` entry."""
+    if text is None:
+        return None
+    try:
+        age = float(text.strip())
+    except ValueError:
+        return None
+    if not math.isfinite(age) or age < 0:
+        return None
+    return int(round(age))
+
+
+def parse_sex(text: str | None) -> str | None:
+    """``"M"``, ``"F"`` or None, whichever spelling the header uses (``Male``, ``F``, ``female``)."""
+    key = (text or "").strip().lower()
+    if key in ("m", "male"):
+        return "M"
+    if key in ("f", "female"):
+        return "F"
+    return None

@@ -1,0 +1,129 @@
+"""Reader for PhysioNet WFDB records (``.hea`` + signal files), e.g. LUDB and the PTB Diagnostic ECG DB."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import wfdb
+
+from ecgfm.data.sources.base import (
+    Record,
+    RecordError,
+    SourceReader,
+    digital_to_mv,
+    header_path,
+    map_lead_names,
+    parse_age,
+    parse_comment_fields,
+    parse_sex,
+    record_base,
+    register_source,
+)
+
+# The digital value WFDB reserves for "no sample" in each format (after wfdb's offset-binary conversion).
+INVALID_SAMPLE: dict[str, int] = {
+    "8": -(2**7),
+    "16": -(2**15),
+    "24": -(2**23),
+    "32": -(2**31),
+    "61": -(2**15),
+    "80": -(2**7),
+    "160": -(2**15),
+    "212": -(2**11),
+    "310": -(2**9),
+    "311": -(2**9),
+    "508": -(2**7),
+    "516": -(2**15),
+    "524": -(2**23),
+}
+
+# Bytes per sample of the uncompressed, byte-aligned formats, whose file size tells the sample count exactly.
+_BYTES_PER_SAMPLE: dict[str, int] = {"8": 1, "16": 2, "24": 3, "32": 4, "61": 2, "80": 1, "160": 2}
+
+
+def _check_data_files(header: wfdb.Record, record: Path) -> None:
+    """Fail naming the data file if it is missing, or shorter or longer than the header's sample count."""
+    files: dict[str, list[int]] = {}
+    for i, name in enumerate(header.file_name):
+        files.setdefault(name, []).append(i)
+    for name, signals in files.items():
+        data = record.parent / name
+        if not data.is_file():
+            raise RecordError(f"{data}: data file not found (named in {header_path(record)})")
+        offset = (header.byte_offset[signals[0]] if header.byte_offset else None) or 0
+        size = data.stat().st_size
+        if size <= offset:
+            raise RecordError(f"{data}: data file holds no samples ({size} bytes)")
+        fmt = header.fmt[signals[0]]
+        if fmt not in _BYTES_PER_SAMPLE or header.sig_len is None:
+            continue
+        frame = sum(header.samps_per_frame[i] for i in signals) * _BYTES_PER_SAMPLE[fmt]
+        expected = offset + header.sig_len * frame
+        if size < expected:
+            raise RecordError(
+                f"{data}: truncated, {size} bytes but the header's {header.sig_len} samples need {expected}"
+            )
+        if size > expected:
+            raise RecordError(
+                f"{data}: holds {(size - offset) // frame} samples per signal "
+                f"but the header says {header.sig_len}"
+            )
+
+
+@register_source("wfdb")
+class WfdbReader(SourceReader):
+    """Any single-segment WFDB record; gains, baselines and units come from its header, per lead."""
+
+    def read(self, path: Path) -> Record:
+        """Read one record as float32 mV [L, T]; RecordError names the file at fault and why."""
+        record = record_base(path)
+        hea = header_path(record)
+        if not hea.is_file():
+            raise RecordError(f"{hea}: header file not found")
+        try:
+            header = wfdb.rdheader(str(record))
+        except Exception as exc:  # wfdb raises many types for a malformed header
+            raise RecordError(f"{hea}: malformed WFDB header ({type(exc).__name__}: {exc})") from exc
+        if not isinstance(header, wfdb.Record):
+            raise RecordError(f"{hea}: multi-segment WFDB records are not supported")
+        if not header.n_sig:
+            raise RecordError(f"{hea}: header lists no signals")
+        if header.sig_len == 0:
+            raise RecordError(f"{hea}: header declares a zero-length record (0 samples)")
+        _check_data_files(header, record)
+        try:
+            rec = wfdb.rdrecord(str(record), physical=False)
+        except Exception as exc:  # truncated or corrupt signal files surface as ValueError, IndexError, ...
+            raise RecordError(
+                f"{record} ({', '.join(sorted(set(header.file_name)))}): cannot read samples "
+                f"({type(exc).__name__}: {exc})"
+            ) from exc
+        digital = np.asarray(rec.d_signal).T
+        if digital.ndim != 2 or digital.shape[1] == 0:
+            raise RecordError(f"{hea}: record has no samples")
+        signal = digital_to_mv(
+            digital,
+            gains=rec.adc_gain,
+            baselines=rec.baseline,
+            units=rec.units or [None] * rec.n_sig,
+            invalid=[INVALID_SAMPLE.get(fmt) for fmt in rec.fmt],
+            path=hea,
+        )
+        comments = list(rec.comments or [])
+        fields = parse_comment_fields(comments)
+        return Record(
+            record_id=record.name,
+            patient_id=record.name,
+            signal=signal,
+            fs=float(rec.fs),
+            lead_names=map_lead_names(rec.sig_name or [None] * rec.n_sig, hea),
+            path=record,
+            metadata={
+                "age": parse_age(fields.get("age")),
+                "sex": parse_sex(fields.get("sex")),
+                "comments": comments,
+                "units": list(rec.units or []),
+                "source": "wfdb",
+            },
+        )

@@ -1,0 +1,229 @@
+"""FineTuneTask: a pretrained backbone + one or more task heads as a LightningModule, driven from YAML recipes."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from ecgfm.backbones import create_backbone
+from ecgfm.backbones.registry import InputSpec
+from ecgfm.heads import Head, create_head
+from ecgfm.leads import STANDARD_LEADS, lead_indices
+from ecgfm.signal import build_preprocessing, to_millivolts
+
+SPLIT_NAMES = ("train", "val", "test")
+
+
+class FineTuneTask(L.LightningModule):
+    """Fine-tune (or linear-probe) a backbone with heads; logs ``{split}/{head}/{metric}``.
+
+    Args:
+        backbone: a registered backbone name (``ecgfm list-backbones``).
+        pretrained: path of a checkpoint in the backbone's native format (e.g. ECGFounder's ``.pth``), or None.
+        backbone_kwargs: constructor overrides for the backbone.
+        heads: the heads; in YAML each is ``{class_path: ecgfm.heads.MultiLabelHead, init_args: {...}}``.
+        preprocessing: name or ``{name: ..., **options}`` of the on-device preprocessing chain; None uses the
+            backbone's own (ECGFounder's chain for Net1D).
+        finetune: ``full`` trains everything; ``linear_probe`` freezes the backbone and trains the heads.
+        lr, weight_decay: AdamW settings.
+        backbone_lr_scale: the backbone's learning rate is ``lr * backbone_lr_scale`` (lower for pretrained weights).
+        scheduler: ``cosine`` (over the whole run), ``plateau`` (on ``monitor``) or ``none``.
+        monitor: metric the plateau scheduler follows, e.g. ``val/loss``.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "net1d-small",
+        pretrained: str | None = None,
+        backbone_kwargs: dict[str, Any] | None = None,
+        heads: list[Head] | None = None,
+        preprocessing: str | dict[str, Any] | None = None,
+        finetune: Literal["full", "linear_probe"] = "full",
+        lr: float = 1e-3,
+        weight_decay: float = 1e-5,
+        backbone_lr_scale: float = 1.0,
+        scheduler: Literal["cosine", "plateau", "none"] = "cosine",
+        monitor: str = "val/loss",
+    ):
+        super().__init__()
+        heads = [create_head(h) for h in (heads or [])]
+        if not heads:
+            raise ValueError("FineTuneTask needs at least one head (model.heads in the recipe)")
+        names = [h.name for h in heads]
+        if len(set(names)) != len(names):
+            raise ValueError(f"head names must be unique, got {names}")
+        self.save_hyperparameters(ignore=["heads"])
+        self.hparams["heads"] = [h.config() for h in heads]
+
+        self.backbone = create_backbone(backbone, **(backbone_kwargs or {}))
+        self.input_spec: InputSpec = self.backbone.input_spec
+        self.register_buffer(
+            "input_leads",
+            torch.tensor(lead_indices(self.input_spec.lead_names, STANDARD_LEADS)),
+            persistent=False,
+        )
+        self.preprocessing = build_preprocessing(preprocessing or self.input_spec.preprocessing)
+        self.heads = nn.ModuleDict({h.name: h for h in heads})
+        for head in heads:
+            if head.labels is not None:
+                head.build(self.backbone.num_features, head.labels)
+        self.metrics = nn.ModuleDict()
+        self._pretrained_loaded = False
+        if finetune == "linear_probe":
+            self.backbone.requires_grad_(False)
+
+    # ----------------------------------------------------------------- building from the data
+    def setup(self, stage: str) -> None:
+        """Give unbuilt heads their label names from the data, and load pretrained weights for a new run."""
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        specs = getattr(datamodule, "target_specs", {}) if datamodule is not None else {}
+        for i, head in enumerate(self.heads.values()):
+            if not head.is_built:
+                if head.target not in specs:
+                    raise KeyError(
+                        f"head {head.name!r} learns target {head.target!r}, which the data does not have "
+                        f"(targets: {list(specs)})"
+                    )
+                head.build(self.backbone.num_features, specs[head.target].names)
+                self.hparams["heads"][i]["init_args"]["labels"] = head.labels
+            elif head.target in specs:
+                unknown = [lab for lab in head.labels if lab not in specs[head.target].names]
+                if unknown:
+                    raise KeyError(
+                        f"head {head.name!r}: labels {unknown} are not in target {head.target!r} of the data"
+                    )
+        self._label_columns = {
+            name: [specs[h.target].names.index(lab) for lab in h.labels] if h.target in specs else None
+            for name, h in self.heads.items()
+        }
+        self._build_metrics()
+        restoring = self._trainer is not None and self.trainer.ckpt_path is not None
+        if self.hparams.pretrained and not restoring and not self._pretrained_loaded:
+            self.backbone.load_pretrained(self.hparams.pretrained)
+            self._pretrained_loaded = True
+
+    def _build_metrics(self) -> None:
+        if len(self.metrics):
+            return
+        for split in SPLIT_NAMES:
+            for name, head in self.heads.items():
+                self.metrics[f"{split}_{name}"] = head.metrics()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._build_metrics_if_heads_built()
+
+    def _build_metrics_if_heads_built(self) -> None:
+        if all(h.is_built for h in self.heads.values()):
+            self._build_metrics()
+
+    def train(self, mode: bool = True) -> FineTuneTask:
+        super().train(mode)
+        if self.hparams.finetune == "linear_probe":
+            self.backbone.eval()  # frozen: keep BatchNorm statistics and dropout fixed
+        return self
+
+    # ----------------------------------------------------------------- forward
+    def prepare_signal(self, signal: Tensor, lead_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """int16 µV [B, 12, T] -> the backbone's leads, float mV, preprocessed (runs on the device)."""
+        x = to_millivolts(signal) if signal.dtype == torch.int16 else signal.float()
+        x, lead_mask = x[:, self.input_leads], lead_mask[:, self.input_leads]
+        return self.preprocessing(x, lead_mask), lead_mask
+
+    def forward(self, signal: Tensor, lead_mask: Tensor | None = None) -> dict[str, Tensor]:
+        """Raw batch signal -> ``{head: output}``."""
+        if lead_mask is None:
+            lead_mask = torch.ones(signal.shape[:2], dtype=torch.bool, device=signal.device)
+        x, _ = self.prepare_signal(signal, lead_mask)
+        features = self.backbone.forward_features(x)
+        return {name: head(features) for name, head in self.heads.items()}
+
+    def _head_targets(self, batch: dict[str, Any], name: str) -> tuple[Tensor, Tensor]:
+        head = self.heads[name]
+        target, mask = batch["targets"][head.target], batch["target_masks"][head.target]
+        columns = self._label_columns.get(name)
+        if columns is not None and columns != list(range(target.shape[1])):
+            target, mask = target[:, columns], mask[:, columns]
+        return target.float(), mask
+
+    def _step(self, batch: dict[str, Any], split: str) -> Tensor:
+        outputs = self(batch["signal"], batch["lead_mask"])
+        total = torch.zeros((), device=self.device)
+        batch_size = batch["signal"].shape[0]
+        for name, head in self.heads.items():
+            target, mask = self._head_targets(batch, name)
+            loss = head.loss(outputs[name], target, mask)
+            total = total + head.loss_weight * loss
+            self.log(f"{split}/{name}/loss", loss, batch_size=batch_size, on_epoch=True, on_step=False)
+            head.update_metrics(self.metrics[f"{split}_{name}"], outputs[name].detach(), target, mask)
+        self.log(
+            f"{split}/loss",
+            total,
+            batch_size=batch_size,
+            on_epoch=True,
+            on_step=split == "train",
+            prog_bar=True,
+        )
+        return total
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        outputs = self(batch["signal"], batch["lead_mask"])
+        predictions: dict[str, Any] = {"record_id": batch["record_id"], "patient_id": batch["patient_id"]}
+        for name, head in self.heads.items():
+            for key, value in head.postprocess(outputs[name]).items():
+                predictions[f"{name}/{key}"] = value.cpu()
+        return predictions
+
+    def _log_epoch_metrics(self, split: str) -> None:
+        for name, head in self.heads.items():
+            metrics = self.metrics[f"{split}_{name}"]
+            values = head.compute_metrics(metrics)
+            self.log_dict({f"{split}/{name}/{k}": v.float() for k, v in values.items()}, sync_dist=False)
+            metrics.reset()
+
+    def on_train_epoch_end(self) -> None:
+        self._log_epoch_metrics("train")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch_metrics("test")
+
+    # ----------------------------------------------------------------- optimisation
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        groups = [{"params": [p for p in self.heads.parameters() if p.requires_grad], "lr": hp.lr}]
+        backbone_params = [p for p in self.backbone.parameters() if p.requires_grad]
+        if backbone_params:
+            groups.append({"params": backbone_params, "lr": hp.lr * hp.backbone_lr_scale})
+        optimizer = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay)
+        if hp.scheduler == "none":
+            return {"optimizer": optimizer}
+        if hp.scheduler == "plateau":
+            mode = "min" if hp.monitor.endswith(("loss", "mae", "rmse")) else "max"
+            scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                optimizer, mode=mode, factor=0.5, patience=2
+            )
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": hp.monitor}}
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["ecgfm"] = {
+            "input_spec": self.input_spec.to_dict(),
+            "preprocessing": self.preprocessing.config(),
+            "heads": {name: {"target": h.target, "labels": h.labels} for name, h in self.heads.items()},
+        }
