@@ -41,9 +41,7 @@ def run_lightning(argv: list[str]) -> LightningCLI:
 def shard_parser() -> ArgumentParser:
     from ecgfm.data.convert import convert
 
-    parser = ArgumentParser(
-        prog="ecgfm shard", description="Convert a folder of ECG records into HDF5 shards."
-    )
+    parser = ArgumentParser(prog="ecgfm shard", description="Convert a folder of ECG records into HDF5 shards.")
     parser.add_argument("--config", action=ActionConfigFile, help="YAML file with any of the options below")
     parser.add_function_arguments(convert)
     return parser
@@ -64,9 +62,7 @@ def run_shard(argv: list[str]) -> int:
         return 1 if problems else 0
     parser = shard_parser()
     cfg = parser.parse_args(argv)
-    kwargs = {
-        k: v for k, v in vars(parser.instantiate_classes(cfg)).items() if k not in ("config", "__path__")
-    }
+    kwargs = {k: v for k, v in vars(parser.instantiate_classes(cfg)).items() if k not in ("config", "__path__")}
     summary = convert(**kwargs)
     summary.print()
     return 0

@@ -50,9 +50,7 @@ def resample(x: np.ndarray, fs_in: float, fs_out: float = 500.0) -> np.ndarray:
     if fs_in == fs_out:
         return np.asarray(x, dtype=np.float32)
     ratio = Fraction(fs_out / fs_in).limit_denominator(1000)
-    y = scipy.signal.resample_poly(
-        np.asarray(x, dtype=np.float64), ratio.numerator, ratio.denominator, axis=-1
-    )
+    y = scipy.signal.resample_poly(np.asarray(x, dtype=np.float64), ratio.numerator, ratio.denominator, axis=-1)
     return y.astype(np.float32)
 
 
@@ -112,9 +110,7 @@ def register_preprocessing(name: str) -> Callable[[_M], _M]:
 
     def add(cls: _M) -> _M:
         if name in PREPROCESSING:
-            raise ValueError(
-                f"preprocessing {name!r} is already registered by {PREPROCESSING[name].__name__}"
-            )
+            raise ValueError(f"preprocessing {name!r} is already registered by {PREPROCESSING[name].__name__}")
         cls.name = name
         PREPROCESSING[name] = cls
         return cls
@@ -147,9 +143,7 @@ def _check_input(x: Tensor, lead_mask: Tensor | None) -> None:
     if x.dim() != 3 or not x.is_floating_point():
         raise ValueError(f"expected a float tensor [batch, leads, time], got {tuple(x.shape)} {x.dtype}")
     if lead_mask is not None and tuple(lead_mask.shape) != tuple(x.shape[:2]):
-        raise ValueError(
-            f"lead_mask must be [batch, leads] = {tuple(x.shape[:2])}, got {tuple(lead_mask.shape)}"
-        )
+        raise ValueError(f"lead_mask must be [batch, leads] = {tuple(x.shape[:2])}, got {tuple(lead_mask.shape)}")
 
 
 def _zscore(x: Tensor, lead_mask: Tensor | None, eps: float, per_lead: bool) -> Tensor:

@@ -213,9 +213,7 @@ class FineTuneTask(L.LightningModule):
             return {"optimizer": optimizer}
         if hp.scheduler == "plateau":
             mode = "min" if hp.monitor.endswith(("loss", "mae", "rmse")) else "max"
-            scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-                optimizer, mode=mode, factor=0.5, patience=2
-            )
+            scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode=mode, factor=0.5, patience=2)
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": hp.monitor}}
         total = max(1, int(self.trainer.estimated_stepping_batches))
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)

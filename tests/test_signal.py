@@ -191,9 +191,7 @@ def test_build_preprocessing_unknown_name_lists_known_ones() -> None:
         build_preprocessing("butterworth")
 
 
-@pytest.mark.parametrize(
-    "spec", ["ecgfounder", "zscore", "none", {"name": "ecgfounder", "band_hz": [0.5, 45]}]
-)
+@pytest.mark.parametrize("spec", ["ecgfounder", "zscore", "none", {"name": "ecgfounder", "band_hz": [0.5, 45]}])
 def test_config_round_trips_through_json(spec: str | dict) -> None:
     module = build_preprocessing(spec)
     config = json.loads(json.dumps(module.config()))  # what a checkpoint stores

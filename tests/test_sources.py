@@ -129,9 +129,7 @@ def test_challenge_dx_age_sex_parsed(data: Path) -> None:
     "record_line",
     ["E07500 12 500 5000 05-Jun-2020 11:03:54", "E07500.mat 12 500 5000 05-Jun-2020 11:03:54"],
 )
-def test_challenge_header_with_date_on_record_line_still_reads(
-    data: Path, tmp_path: Path, record_line: str
-) -> None:
+def test_challenge_header_with_date_on_record_line_still_reads(data: Path, tmp_path: Path, record_line: str) -> None:
     original = get_source("challenge").read(data / "cinc2021" / "E07500")
     copy = copy_record(data / "cinc2021" / "E07500", tmp_path, lambda lines: [record_line] + lines[1:])
     rec = get_source("challenge").read(copy)
@@ -141,9 +139,7 @@ def test_challenge_header_with_date_on_record_line_still_reads(
 
 def test_load_dx_mapping_names_sinus_rhythm(data: Path) -> None:
     maps = data / "label_maps"
-    mapping = load_dx_mapping(
-        [maps / "cinc2021_dx_mapping_scored.csv", maps / "cinc2021_dx_mapping_unscored.csv"]
-    )
+    mapping = load_dx_mapping([maps / "cinc2021_dx_mapping_scored.csv", maps / "cinc2021_dx_mapping_unscored.csv"])
     assert mapping["426783006"] == "NSR"
     assert mapping["164951009"] == "abQRS"  # from the unscored table
     assert dx_names(["426783006", "123"], mapping) == ["NSR", "123"]
@@ -197,9 +193,7 @@ def test_header_sample_count_disagreeing_with_data_raises(
 
 @pytest.mark.parametrize(("source", "record"), [("wfdb", "ludb/data/1"), ("challenge", "cinc2021/E07500")])
 def test_malformed_header_raises_naming_it(data: Path, tmp_path: Path, source: str, record: str) -> None:
-    copy = copy_record(
-        data / record, tmp_path, lambda lines: [lines[0].replace(" 12 ", " twelve ")] + lines[1:]
-    )
+    copy = copy_record(data / record, tmp_path, lambda lines: [lines[0].replace(" 12 ", " twelve ")] + lines[1:])
     with pytest.raises(RecordError, match=rf"{copy.name}\.hea"):
         get_source(source).read(copy)
 

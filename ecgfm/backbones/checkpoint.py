@@ -59,9 +59,7 @@ def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
             obj = obj[key]
             break
     if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise CheckpointError(
-            f"{path} holds no state_dict (expected a dict of tensors, or one under 'state_dict')"
-        )
+        raise CheckpointError(f"{path} holds no state_dict (expected a dict of tensors, or one under 'state_dict')")
     return obj
 
 
@@ -86,7 +84,5 @@ def load_strict(
             parts.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected[:20])}")
         if mismatched:
             parts.append(f"shape mismatches: {'; '.join(mismatched[:20])}")
-        raise CheckpointError(
-            f"checkpoint {source} does not match {type(model).__name__}: " + " | ".join(parts)
-        )
+        raise CheckpointError(f"checkpoint {source} does not match {type(model).__name__}: " + " | ".join(parts))
     model.load_state_dict(state, strict=False)

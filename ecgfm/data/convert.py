@@ -1,4 +1,4 @@
-"""``ecgfm shard``: a folder of records (+ a label table) -> HDF5 shards + manifest.json, reporting every skipped record."""
+"""``ecgfm shard``: a folder of records + a label table -> HDF5 shards + manifest.json; every skip is reported."""
 
 from __future__ import annotations
 
@@ -71,9 +71,7 @@ class LabelTable:
 
     def lookup(self, record: Record, root: Path) -> dict[str, Any] | None:
         """The row of a record, matched by record id or by its path relative to the source folder."""
-        relative = (
-            record.path.relative_to(root).with_suffix("").as_posix() if root in record.path.parents else None
-        )
+        relative = record.path.relative_to(root).with_suffix("").as_posix() if root in record.path.parents else None
         for key in (record.record_id, relative):
             if key is not None and key in self.rows:
                 return self.rows[key]
@@ -83,9 +81,7 @@ class LabelTable:
         out = {}
         for name, columns in self.multilabel.items():
             present = set(_split_labels(row, columns))
-            out[name] = np.array(
-                [1.0 if lab in present else 0.0 for lab in self.targets[name].names], np.float32
-            )
+            out[name] = np.array([1.0 if lab in present else 0.0 for lab in self.targets[name].names], np.float32)
         for name, columns in self.regression.items():
             out[name] = np.array([_to_float(row[c]) for c in columns], np.float32)
         return out
@@ -260,9 +256,7 @@ def convert(
                 if table is not None:
                     row = table.lookup(record, source)
                     if row is None:
-                        summary.skipped.append(
-                            (str(item.path), f"{item.path}: no row in label table {labels}")
-                        )
+                        summary.skipped.append((str(item.path), f"{item.path}: no row in label table {labels}"))
                         continue
                     matched_rows.add(id(row))
                     values = table.values(row)
@@ -299,9 +293,7 @@ def convert(
             pool.terminate()
 
     if table is not None and len(matched_rows) < len(table.rows):
-        summary.notes.append(
-            f"{len(table.rows) - len(matched_rows)} label-table rows have no record in {source}"
-        )
+        summary.notes.append(f"{len(table.rows) - len(matched_rows)} label-table rows have no record in {source}")
     manifest.save(out)
     with open(out / "skipped.csv", "w", newline="") as f:
         csv.writer(f).writerows([("record", "reason"), *summary.skipped])

@@ -54,9 +54,7 @@ class ShardDataModule(L.LightningDataModule):
     ):
         super().__init__()
         if not 0 <= val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
-            raise ValueError(
-                f"val_fraction={val_fraction} and test_fraction={test_fraction} leave no training data"
-            )
+            raise ValueError(f"val_fraction={val_fraction} and test_fraction={test_fraction} leave no training data")
         self.save_hyperparameters()
         self.root = Path(root)
         self.datasets: dict[str, ShardDataset] = {}

@@ -37,9 +37,7 @@ class ShardDataset(Dataset):
             raise IndexError(f"segment indices out of range 0..{total - 1} for {self.root}")
         unknown = [t for t in (targets or []) if t not in self.manifest.targets]
         if unknown:
-            raise KeyError(
-                f"targets {unknown} are not in {self.root / 'manifest.json'}: {list(self.manifest.targets)}"
-            )
+            raise KeyError(f"targets {unknown} are not in {self.root / 'manifest.json'}: {list(self.manifest.targets)}")
         self.targets = list(self.manifest.targets) if targets is None else list(targets)
         self._files: dict[int, h5py.File] = {}
         self._pid = os.getpid()

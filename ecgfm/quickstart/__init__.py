@@ -43,22 +43,16 @@ def convert_bundled(out: Path, progress: bool = True):
 def run_quickstart_cli(argv: list[str]) -> int:
     """Parse ``ecgfm quickstart`` options and run it."""
     parser = argparse.ArgumentParser(prog="ecgfm quickstart", description=__doc__)
-    parser.add_argument(
-        "--out", default="ecgfm-quickstart", help="working folder (shards, logs, checkpoints)"
-    )
+    parser.add_argument("--out", default="ecgfm-quickstart", help="working folder (shards, logs, checkpoints)")
     parser.add_argument("--pretrained", default=None, help="an ECGFounder 12-lead .pth to fine-tune from")
     parser.add_argument("--epochs", type=int, default=None, help="override the recipe's max_epochs")
-    parser.add_argument(
-        "--config", default=None, help="recipe to use (default: recipes/quickstart/net1d-small.yaml)"
-    )
+    parser.add_argument("--config", default=None, help="recipe to use (default: recipes/quickstart/net1d-small.yaml)")
     args = parser.parse_args(argv)
     run_quickstart(Path(args.out), args.pretrained, args.epochs, args.config)
     return 0
 
 
-def run_quickstart(
-    out: Path, pretrained: str | None = None, epochs: int | None = None, config: str | None = None
-):
+def run_quickstart(out: Path, pretrained: str | None = None, epochs: int | None = None, config: str | None = None):
     """Convert, fine-tune on the training patients, test on the held-out ones; print where everything is."""
     from ecgfm.cli import recipes_dir, run_lightning
 
@@ -67,9 +61,7 @@ def run_quickstart(
     out = Path(out)
     recipe = Path(config) if config else recipes_dir() / RECIPE
     if not recipe.is_file():
-        raise FileNotFoundError(
-            f"recipe {recipe} not found; pass --config PATH (recipes/ ships with the source)"
-        )
+        raise FileNotFoundError(f"recipe {recipe} not found; pass --config PATH (recipes/ ships with the source)")
     console.rule("1/3 converting the bundled LUDB recordings to HDF5 shards")
     shards = out / "shards"
     summary = convert_bundled(shards)
@@ -84,18 +76,14 @@ def run_quickstart(
 
     console.rule("2/3 fine-tuning (train patients; validation patients pick the best epoch)")
     cli = run_lightning(["fit", *overrides])
-    checkpoint = (
-        cli.trainer.checkpoint_callback.best_model_path or cli.trainer.checkpoint_callback.last_model_path
-    )
+    checkpoint = cli.trainer.checkpoint_callback.best_model_path or cli.trainer.checkpoint_callback.last_model_path
 
     console.rule("3/3 testing the best checkpoint on held-out patients")
     test_cli = run_lightning(["test", *overrides, f"--ckpt_path={checkpoint}"])
     results = test_cli.trainer.callback_metrics
     auroc = float(results["test/diagnoses/auroc"])
     console.rule("done")
-    console.print(
-        f"test macro AUROC over {int(results['test/diagnoses/n_labels_scored'])} labels: {auroc:.3f}"
-    )
+    console.print(f"test macro AUROC over {int(results['test/diagnoses/n_labels_scored'])} labels: {auroc:.3f}")
     for key in sorted(k for k in results if k.startswith("test/diagnoses/auroc/")):
         console.print(f"  {key.removeprefix('test/diagnoses/auroc/')}: {float(results[key]):.3f}")
     console.print(f"checkpoint: {checkpoint}")

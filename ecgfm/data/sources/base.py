@@ -31,8 +31,7 @@ class Record:
     def __post_init__(self) -> None:
         if self.signal.ndim != 2 or self.signal.shape[0] != len(self.lead_names):
             raise ValueError(
-                f"{self.path}: signal shape {self.signal.shape} does not match "
-                f"{len(self.lead_names)} lead names"
+                f"{self.path}: signal shape {self.signal.shape} does not match {len(self.lead_names)} lead names"
             )
 
 
@@ -118,9 +117,7 @@ def digital_to_mv(
     for i in range(n_leads):
         gain = float(gains[i])
         if gain == 0 or not math.isfinite(gain):
-            raise RecordError(
-                f"{path}: signal {i} has ADC gain {gains[i]!r} (uncalibrated); cannot convert to mV"
-            )
+            raise RecordError(f"{path}: signal {i} has ADC gain {gains[i]!r} (uncalibrated); cannot convert to mV")
         lead = (digital[i].astype(np.float64) - float(baselines[i])) / gain * mv_per_unit(units[i], path)
         if invalid[i] is not None:
             lead[digital[i] == invalid[i]] = np.nan

@@ -55,9 +55,7 @@ def _number(token: str, kind: type, what: str, hea: Path) -> float | int:
 def _parse_signal_line(line: str, index: int, hea: Path) -> _Signal:
     tokens = line.split()
     if len(tokens) < 9:
-        raise RecordError(
-            f"{hea}: signal line {index + 1} has {len(tokens)} fields, needs 9 with the lead name"
-        )
+        raise RecordError(f"{hea}: signal line {index + 1} has {len(tokens)} fields, needs 9 with the lead name")
     match = _GAIN.match(tokens[2])
     if match is None:
         raise RecordError(f"{hea}: signal line {index + 1} has an unreadable gain field {tokens[2]!r}")
@@ -93,9 +91,7 @@ def _load_val(mat: Path) -> np.ndarray:
     except Exception as exc:  # scipy raises ValueError, TypeError, MatReadError... on a damaged file
         raise RecordError(f"{mat}: cannot load .mat file ({type(exc).__name__}: {exc})") from exc
     if "val" not in contents:
-        raise RecordError(
-            f"{mat}: no 'val' array (found {sorted(k for k in contents if not k.startswith('__'))})"
-        )
+        raise RecordError(f"{mat}: no 'val' array (found {sorted(k for k in contents if not k.startswith('__'))})")
     return np.asarray(contents["val"])
 
 
@@ -122,9 +118,7 @@ class ChallengeReader(SourceReader):
         if n_sig <= 0 or n_samples <= 0 or fs <= 0:
             raise RecordError(f"{hea}: record line {spec[0]!r} declares an empty record")
         if len(spec) - 1 != n_sig:
-            raise RecordError(
-                f"{hea}: record line declares {n_sig} signals but {len(spec) - 1} signal lines follow"
-            )
+            raise RecordError(f"{hea}: record line declares {n_sig} signals but {len(spec) - 1} signal lines follow")
         signals = [_parse_signal_line(line, i, hea) for i, line in enumerate(spec[1:])]
 
         files = sorted({s.file for s in signals})
@@ -134,8 +128,7 @@ class ChallengeReader(SourceReader):
         val = _load_val(mat)
         if val.shape != (n_sig, n_samples):
             raise RecordError(
-                f"{mat}: 'val' has shape {val.shape} but {hea.name} declares "
-                f"{n_sig} leads x {n_samples} samples"
+                f"{mat}: 'val' has shape {val.shape} but {hea.name} declares {n_sig} leads x {n_samples} samples"
             )
 
         signal = digital_to_mv(
@@ -183,9 +176,7 @@ def load_dx_mapping(paths: Iterable[Path]) -> dict[str, str]:
                 if not code:
                     continue
                 if code in mapping and mapping[code] != abbreviation:
-                    raise ValueError(
-                        f"{path}: code {code} maps to {abbreviation!r} here, {mapping[code]!r} before"
-                    )
+                    raise ValueError(f"{path}: code {code} maps to {abbreviation!r} here, {mapping[code]!r} before")
                 mapping[code] = abbreviation
     return mapping
 

@@ -66,8 +66,7 @@ def _check_data_files(header: wfdb.Record, record: Path) -> None:
             )
         if size > expected:
             raise RecordError(
-                f"{data}: holds {(size - offset) // frame} samples per signal "
-                f"but the header says {header.sig_len}"
+                f"{data}: holds {(size - offset) // frame} samples per signal but the header says {header.sig_len}"
             )
 
 
