@@ -28,14 +28,18 @@ commands:
 
 def run_lightning(argv: list[str]) -> LightningCLI:
     """Run a LightningCLI subcommand (``fit --config recipe.yaml ...``) and return the CLI object."""
-    return LightningCLI(
-        FineTuneTask,
-        ShardDataModule,
-        args=argv,
-        save_config_kwargs={"overwrite": True},
-        parser_kwargs={"parser_mode": "yaml"},
-        auto_configure_optimizers=False,
-    )
+    saved = sys.argv
+    sys.argv = ["ecgfm", *argv]  # LightningCLI reads sys.argv; setting it keeps --help and error messages right
+    try:
+        return LightningCLI(
+            FineTuneTask,
+            ShardDataModule,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"parser_mode": "yaml"},
+            auto_configure_optimizers=False,
+        )
+    finally:
+        sys.argv = saved
 
 
 def shard_parser() -> ArgumentParser:
@@ -62,7 +66,7 @@ def run_shard(argv: list[str]) -> int:
         return 1 if problems else 0
     parser = shard_parser()
     cfg = parser.parse_args(argv)
-    kwargs = {k: v for k, v in vars(parser.instantiate_classes(cfg)).items() if k not in ("config", "__path__")}
+    kwargs = {k: v for k, v in cfg.as_dict().items() if k not in ("config", "__path__")}
     summary = convert(**kwargs)
     summary.print()
     return 0

@@ -1,0 +1,153 @@
+"""`ecgfm shard` converts real PhysioNet records into v1 shards, and reports every record it skips."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+
+from ecgfm.cli import main
+from ecgfm.data.convert import convert
+from ecgfm.data.shards import Manifest, verify_shards
+from ecgfm.data.sources import get_source
+from ecgfm.leads import STANDARD_LEADS
+from ecgfm.signal import resample
+
+
+def read_all(out):
+    manifest = Manifest.load(out)
+    arrays = {"signal": [], "lead_mask": [], "record_id": [], "segment_start": []}
+    for shard in manifest.shards:
+        with h5py.File(out / shard["path"]) as f:
+            assert f.attrs["format"] == "ecgfm-shard" and f.attrs["version"] == 1
+            assert list(f.attrs["lead_names"]) == list(STANDARD_LEADS)
+            for key in arrays:
+                data = f[key].asstr()[:] if key == "record_id" else f[key][:]
+                arrays[key].append(data)
+    return manifest, {k: np.concatenate(v) for k, v in arrays.items()}
+
+
+def test_shard_cli_converts_every_ludb_record(shared_data, tmp_path, capsys):
+    out = tmp_path / "ludb"
+    assert (
+        main(["shard", "--source", str(shared_data / "ludb" / "data"), "--out", str(out), "--progress", "false"]) == 0
+    )
+    printed = capsys.readouterr().out
+    assert "records read" in printed and "200" in printed
+    manifest, arrays = read_all(out)
+    assert manifest.n_segments == 200
+    assert sorted(set(arrays["record_id"]), key=int) == [str(i) for i in range(1, 201)]
+    assert arrays["signal"].dtype == np.int16 and arrays["signal"].shape == (200, 12, 5000)
+    assert arrays["lead_mask"].all()
+    assert verify_shards(out) == []
+    # int16 µV on disk equals the reader's millivolts x 1000
+    record = get_source("wfdb").read(shared_data / "ludb" / "data" / "1")
+    row = list(arrays["record_id"]).index("1")
+    np.testing.assert_allclose(arrays["signal"][row] / 1000.0, record.signal, atol=0.0006)
+
+
+def test_challenge_records_convert_with_named_diagnoses(shared_data, tmp_path):
+    maps = shared_data / "label_maps"
+    summary = convert(
+        shared_data / "cinc2021",
+        tmp_path / "cinc",
+        reader="challenge",
+        dx_mapping=[maps / "cinc2021_dx_mapping_scored.csv", maps / "cinc2021_dx_mapping_unscored.csv"],
+        progress=False,
+    )
+    assert summary.records_read == 50 and summary.segments_written == 50 and not summary.skipped
+    manifest = Manifest.load(tmp_path / "cinc")
+    names = manifest.targets["dx"].names
+    assert "NSR" in names and not any(n.isdigit() for n in names)  # every code is named by the mapping tables
+    with h5py.File(tmp_path / "cinc" / manifest.shards[0]["path"]) as f:
+        ids = list(f["record_id"].asstr()[:])
+        dx = f["targets/dx"][:]
+    # HR06001 is labelled 426783006 (NSR) and 55930002 (STC) in its header
+    row = dx[ids.index("HR06001")]
+    assert {names[i] for i in np.flatnonzero(row)} == {"NSR", "STC"}
+
+
+def test_ptb_1000hz_15_signals_become_three_500hz_segments(shared_data, tmp_path):
+    summary = convert(shared_data / "ptbdb-s0010", tmp_path / "ptb", progress=False)
+    assert summary.records_read == 1 and summary.segments_written == 3
+    manifest, arrays = read_all(tmp_path / "ptb")
+    assert arrays["signal"].shape == (3, 12, 5000)  # vx, vy, vz dropped; 12 standard leads kept
+    assert list(arrays["segment_start"]) == [0, 5000, 10000]
+    record = get_source("wfdb").read(shared_data / "ptbdb-s0010" / "s0010_re")
+    lead_ii = resample(record.signal[record.lead_names.index("II")][None], 1000, 500)[0]
+    np.testing.assert_allclose(arrays["signal"][1, 1] / 1000.0, lead_ii[5000:10000], atol=0.0006)
+
+
+def test_corrupt_record_is_reported_by_name_and_the_rest_kept(shared_data, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in (1, 2, 3, 4):
+        for ext in ("hea", "dat"):
+            shutil.copy(shared_data / "ludb" / "data" / f"{i}.{ext}", src / f"{i}.{ext}")
+    with open(src / "3.dat", "r+b") as f:
+        f.truncate(1000)
+    (src / "4.dat").unlink()
+    summary = convert(src, tmp_path / "out", progress=False)
+    assert summary.records_read == 2 and summary.segments_written == 2
+    skipped = dict(summary.skipped)
+    assert set(skipped) == {str(src / "3"), str(src / "4")}
+    assert "3.dat" in skipped[str(src / "3")] and "4.dat" in skipped[str(src / "4")]
+    with open(tmp_path / "out" / "skipped.csv") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["record", "reason"] and {r[0] for r in rows[1:]} == set(skipped)
+
+
+def test_label_table_targets_and_unmatched_records(shared_data, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in (1, 2, 3):
+        for ext in ("hea", "dat"):
+            shutil.copy(shared_data / "ludb" / "data" / f"{i}.{ext}", src / f"{i}.{ext}")
+    table = tmp_path / "labels.csv"
+    table.write_text("record,patient,potassium,dx\n1,p1,4.1,AF;LVH\n2,p1,,LVH\n")
+    summary = convert(
+        src,
+        tmp_path / "out",
+        labels=table,
+        patient_column="patient",
+        multilabel={"dx": ["dx"]},
+        regression={"potassium": ["potassium"]},
+        units={"potassium": "mmol/L"},
+        progress=False,
+    )
+    assert summary.records_read == 2
+    assert summary.skipped == [(str(src / "3"), f"{src / '3'}: no row in label table {table}")]
+    manifest = Manifest.load(tmp_path / "out")
+    assert manifest.targets["dx"].names == ["AF", "LVH"]
+    assert manifest.targets["potassium"].units == "mmol/L"
+    with h5py.File(tmp_path / "out" / manifest.shards[0]["path"]) as f:
+        assert list(f["patient_id"].asstr()[:]) == ["p1", "p1"]
+        np.testing.assert_array_equal(f["targets/dx"][:], [[1, 1], [0, 1]])
+        k = f["targets/potassium"][:, 0]
+        assert k[0] == pytest.approx(4.1) and np.isnan(k[1])  # missing stays missing (NaN), never imputed
+        assert list(f["targets/potassium"].attrs["names"]) == ["potassium"]
+
+
+def test_label_table_with_unknown_column_names_it(shared_data, tmp_path):
+    table = tmp_path / "labels.csv"
+    table.write_text("record,dx\n1,AF\n")
+    with pytest.raises(KeyError, match=r"no column\(s\) \['diagnosis'\]"):
+        convert(shared_data / "ludb" / "data", tmp_path / "o", labels=table, multilabel={"d": ["diagnosis"]})
+
+
+def test_verify_reports_truncated_shard(shared_data, tmp_path, capsys):
+    out = tmp_path / "out"
+    convert(shared_data / "cinc2021", out, reader="challenge", segments_per_shard=20, progress=False)
+    manifest = Manifest.load(out)
+    assert [s["n_segments"] for s in manifest.shards] == [20, 20, 10]
+    assert main(["shard", "verify", str(out)]) == 0
+    victim = out / manifest.shards[1]["path"]
+    data = victim.read_bytes()
+    victim.write_bytes(data[: len(data) // 2])
+    assert main(["shard", "verify", str(out)]) == 1
+    assert str(victim) in capsys.readouterr().out
+    assert json.loads((out / "manifest.json").read_text())["n_segments"] == 50

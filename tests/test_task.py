@@ -1,0 +1,141 @@
+"""FineTuneTask and the `ecgfm` CLI: recipes run, checkpoints reload with their heads, linear probes stay frozen."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ecgfm.cli import main, run_lightning
+from ecgfm.data.datamodule import ShardDataModule
+from ecgfm.heads import MultiLabelHead, RegressionHead
+from ecgfm.tasks import FineTuneTask
+
+QUICKSTART_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "quickstart" / "net1d-small.yaml"
+
+
+def recipe_args(shards, tmp_path, *extra):
+    return [
+        "--config",
+        str(QUICKSTART_RECIPE),
+        f"--data.root={shards}",
+        f"--trainer.default_root_dir={tmp_path}",
+        f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
+        "--trainer.enable_progress_bar=false",
+        *extra,
+    ]
+
+
+def test_fit_quickstart_recipe_fast_dev_run(ludb_shards, tmp_path):
+    assert main(["fit", *recipe_args(ludb_shards, tmp_path, "--trainer.fast_dev_run=true")]) == 0
+
+
+def test_fit_test_predict_and_reload(ludb_shards, tmp_path):
+    args = recipe_args(
+        ludb_shards,
+        tmp_path,
+        "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=2",
+        "--trainer.limit_val_batches=2",
+        "--model.backbone=net1d-tiny",
+    )
+    cli = run_lightning(["fit", *args])
+    metrics = cli.trainer.callback_metrics
+    for key in ("train/loss", "val/loss", "val/diagnoses/auroc", "val/diagnoses/auprc", "val/diagnoses/loss"):
+        assert key in metrics, key
+    assert "val/diagnoses/auroc/Sinus rhythm" in metrics
+    ckpt = cli.trainer.checkpoint_callback.last_model_path
+
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert checkpoint["ecgfm"]["preprocessing"]["name"] == "ecgfounder"  # the chain travels with the weights
+    assert checkpoint["ecgfm"]["heads"]["diagnoses"]["labels"][0] == "Sinus rhythm"
+
+    # a checkpoint rebuilds its heads and gives the same outputs outside the trainer
+    model = FineTuneTask.load_from_checkpoint(ckpt, map_location="cpu").eval()
+    assert model.heads["diagnoses"].labels == cli.model.heads["diagnoses"].labels
+    x = torch.randint(-500, 500, (2, 12, 5000), dtype=torch.int16)
+    cli.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x)["diagnoses"], cli.model.cpu()(x)["diagnoses"])
+
+    test_cli = run_lightning(["test", *args, f"--ckpt_path={ckpt}"])
+    assert 0.0 <= float(test_cli.trainer.callback_metrics["test/diagnoses/auroc"]) <= 1.0
+
+    predict_cli = run_lightning(["predict", *args, f"--ckpt_path={ckpt}"])
+    writer = next(c for c in predict_cli.trainer.callbacks if type(c).__name__ == "PredictionCSVWriter")
+    with open(writer.path) as f:
+        rows = list(csv.DictReader(f))
+    n_test = len(predict_cli.datamodule.datasets["test"])
+    assert len(rows) == n_test
+    p = float(rows[0]["diagnoses/p_Sinus rhythm"])
+    assert 0.0 <= p <= 1.0 and rows[0]["record_id"]
+
+
+def test_linear_probe_freezes_backbone(ludb_shards):
+    datamodule = ShardDataModule(str(ludb_shards), batch_size=4)
+    head = MultiLabelHead(name="dx", target="diagnoses", labels=["Sinus rhythm", "Atrial fibrillation"])
+    task = FineTuneTask(backbone="net1d-tiny", heads=[head], finetune="linear_probe", lr=0.05, scheduler="none")
+    import lightning as L
+
+    before = {k: v.clone() for k, v in task.backbone.state_dict().items()}
+    head_before = task.heads["dx"].classifier[1].weight.clone()
+    trainer = L.Trainer(
+        max_steps=3, limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False
+    )
+    trainer.fit(task, datamodule=datamodule)
+    for key, value in task.backbone.state_dict().items():
+        torch.testing.assert_close(value, before[key])
+    assert not torch.equal(task.heads["dx"].classifier[1].weight, head_before)
+
+
+def test_heads_need_a_known_target(ludb_shards):
+    import lightning as L
+
+    task = FineTuneTask(backbone="net1d-tiny", heads=[RegressionHead(name="k", target="potassium")])
+    trainer = L.Trainer(fast_dev_run=True, logger=False, enable_progress_bar=False)
+    with pytest.raises(KeyError, match=r"target 'potassium', which the data does not have.*diagnoses"):
+        trainer.fit(task, datamodule=ShardDataModule(str(ludb_shards), batch_size=4))
+    bad = FineTuneTask(backbone="net1d-tiny", heads=[MultiLabelHead(name="d", target="diagnoses", labels=["Nope"])])
+    with pytest.raises(KeyError, match=r"labels \['Nope'\] are not in target 'diagnoses'"):
+        L.Trainer(fast_dev_run=True, logger=False).fit(bad, datamodule=ShardDataModule(str(ludb_shards), batch_size=4))
+
+
+def test_missing_labels_do_not_move_the_loss():
+    task = FineTuneTask(
+        backbone="net1d-tiny",
+        heads=[MultiLabelHead(name="d", labels=["a", "b"]), RegressionHead(name="k", labels=["k"], target_mean=4.0)],
+        preprocessing="none",
+    )
+    task._label_columns = {"d": None, "k": None}
+    task._build_metrics()
+    signal = torch.randn(4, 12, 5000)
+    batch = {
+        "signal": signal,
+        "lead_mask": torch.ones(4, 12, dtype=torch.bool),
+        "targets": {"d": torch.tensor([[1.0, 0], [0, 1], [0, 0], [1, 1]]), "k": torch.tensor([[4.5], [0], [3.0], [0]])},
+        "target_masks": {
+            "d": torch.ones(4, 2, dtype=torch.bool),
+            "k": torch.tensor([[True], [False], [True], [False]]),
+        },
+    }
+    outputs = task(signal, batch["lead_mask"])
+    loss_k = task.heads["k"].loss(outputs["k"], batch["targets"]["k"], batch["target_masks"]["k"])
+    changed = {k: dict(v) for k, v in batch.items() if isinstance(v, dict)}
+    changed["targets"]["k"] = torch.tensor([[4.5], [99.0], [3.0], [-99.0]])  # values under the mask are ignored
+    loss_k2 = task.heads["k"].loss(outputs["k"], changed["targets"]["k"], batch["target_masks"]["k"])
+    torch.testing.assert_close(loss_k, loss_k2)
+    expected = ((outputs["k"][[0, 2], 0] - (torch.tensor([4.5, 3.0]) - 4.0)) ** 2).mean()
+    torch.testing.assert_close(loss_k, expected)
+
+
+def test_hparams_round_trip_through_plain_dicts():
+    head = MultiLabelHead(name="d", labels=["a"], pos_weight=[2.0])
+    task = FineTuneTask(backbone="net1d-tiny", heads=[head])
+    config = task.hparams["heads"][0]
+    assert config["class_path"] == "ecgfm.heads.multilabel.MultiLabelHead"
+    again = FineTuneTask(**{**task.hparams, "heads": [config]})
+    assert again.heads["d"].pos_weight.tolist() == [2.0]
+    assert np.isclose(again.hparams["lr"], task.hparams["lr"])
