@@ -6,7 +6,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import Metric, MetricCollection
-from torchmetrics.classification import MultilabelAUROC, MultilabelAveragePrecision
+from torchmetrics.classification import (
+    BinaryAUROC,
+    BinaryAveragePrecision,
+    MultilabelAUROC,
+    MultilabelAveragePrecision,
+)
 
 from ecgfm.heads.base import Head, fill_missing, masked_mean, register_head
 
@@ -76,18 +81,19 @@ class MultiLabelHead(Head):
 
     def metrics(self) -> MetricCollection:
         k = len(self.labels)
-        kwargs = dict(num_labels=k, average="none", thresholds=self.thresholds, ignore_index=-1)
-        return MetricCollection(
-            {
-                "auroc": MultilabelAUROC(**kwargs),
-                "auprc": MultilabelAveragePrecision(**kwargs),
-                "counts": LabelCounts(k),
-            }
-        )
+        if k == 1:  # torchmetrics' multilabel metrics need two labels or more
+            kwargs = dict(thresholds=self.thresholds, ignore_index=-1)
+            auroc, auprc = BinaryAUROC(**kwargs), BinaryAveragePrecision(**kwargs)
+        else:
+            kwargs = dict(num_labels=k, average="none", thresholds=self.thresholds, ignore_index=-1)
+            auroc, auprc = MultilabelAUROC(**kwargs), MultilabelAveragePrecision(**kwargs)
+        return MetricCollection({"auroc": auroc, "auprc": auprc, "counts": LabelCounts(k)})
 
     def update_metrics(self, metrics: MetricCollection, output: Tensor, target: Tensor, mask: Tensor) -> None:
         probs = torch.sigmoid(output.float())
         labels = torch.where(mask, (target > 0.5).long(), torch.full_like(target, -1, dtype=torch.long))
+        if len(self.labels) == 1:
+            probs, labels = probs[:, 0], labels[:, 0]
         metrics["auroc"].update(probs, labels)
         metrics["auprc"].update(probs, labels)
         metrics["counts"].update(target, mask)
@@ -98,7 +104,7 @@ class MultiLabelHead(Head):
         valid = (counts[0] > 0) & (counts[1] > 0)
         out: dict[str, Tensor] = {"n_labels_scored": valid.sum().float()}
         for key in ("auroc", "auprc"):
-            per_label = metrics[key].compute() if valid.any() else torch.zeros(len(self.labels))
+            per_label = metrics[key].compute().reshape(-1) if valid.any() else torch.zeros(len(self.labels))
             out[key] = per_label[valid].mean() if valid.any() else torch.tensor(float("nan"))
             if key == "auroc":
                 for i, label in enumerate(self.labels):
