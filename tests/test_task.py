@@ -139,3 +139,22 @@ def test_hparams_round_trip_through_plain_dicts():
     again = FineTuneTask(**{**task.hparams, "heads": [config]})
     assert again.heads["d"].pos_weight.tolist() == [2.0]
     assert np.isclose(again.hparams["lr"], task.hparams["lr"])
+
+
+def test_wandb_offline_logging_without_an_account(ludb_shards, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    wandb_recipe = QUICKSTART_RECIPE.parents[1] / "_base" / "wandb.yaml"
+    args = recipe_args(ludb_shards, tmp_path, "--config", str(wandb_recipe))
+    args += [
+        f"--trainer.logger.init_args.save_dir={tmp_path}",
+        "--trainer.max_steps=1",
+        "--trainer.limit_val_batches=1",
+    ]
+    args += ["--model.backbone=net1d-tiny"]
+    cli = run_lightning(["fit", *args])
+    assert type(cli.trainer.logger).__name__ == "WandbLogger"
+    cli.trainer.logger.experiment.finish()
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert runs and any(runs[0].glob("*.wandb"))
