@@ -71,6 +71,7 @@ class FineTuneTask(L.LightningModule):
             if head.labels is not None:
                 head.build(self.backbone.num_features, head.labels)
         self.metrics = nn.ModuleDict()
+        self._label_columns: dict[str, list[int] | None] = {}
         self._pretrained_loaded = False
         if finetune == "linear_probe":
             self.backbone.requires_grad_(False)

@@ -158,3 +158,22 @@ def test_wandb_offline_logging_without_an_account(ludb_shards, tmp_path, monkeyp
     cli.trainer.logger.experiment.finish()
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert runs and any(runs[0].glob("*.wandb"))
+
+
+def test_quickstart_recipe_fine_tunes_from_an_ecgfounder_checkpoint(ludb_shards, tmp_path):
+    """`ecgfm quickstart --pretrained 12_lead_ECGFounder.pth` runs the same recipe from ECGFounder's weights."""
+    import numpy as np
+
+    from ecgfm.backbones import create_backbone
+    from ecgfm.quickstart import recipe_overrides
+
+    source = create_backbone("ecgfounder-12lead")
+    weights = tmp_path / "12_lead_ECGFounder.pth"
+    torch.save({"state_dict": source.state_dict(), "val_auroc": np.float64(0.9)}, weights)
+    args = recipe_overrides(QUICKSTART_RECIPE, ludb_shards, tmp_path, pretrained=str(weights))
+    cli = run_lightning(["validate", *args, "--trainer.limit_val_batches=1", "--data.batch_size=2"])
+    loaded = cli.model.backbone.state_dict()
+    for key, value in source.state_dict().items():
+        if not key.startswith("dense."):
+            torch.testing.assert_close(loaded[key], value)
+    assert cli.model.heads["diagnoses"].classifier[1].in_features == 1024

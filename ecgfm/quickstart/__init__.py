@@ -52,6 +52,19 @@ def run_quickstart_cli(argv: list[str]) -> int:
     return 0
 
 
+def recipe_overrides(
+    recipe: Path, shards: Path, out: Path, pretrained: str | None = None, epochs: int | None = None
+) -> list[str]:
+    """The LightningCLI arguments of the quickstart: the recipe, pointed at ``shards`` and ``out``."""
+    overrides = ["--config", str(recipe), f"--data.root={shards}", f"--trainer.default_root_dir={out}"]
+    overrides.append(f"--trainer.logger.init_args.save_dir={out / 'logs'}")
+    if pretrained:
+        overrides += ["--model.backbone=ecgfounder-12lead", f"--model.pretrained={pretrained}"]
+    if epochs is not None:
+        overrides.append(f"--trainer.max_epochs={epochs}")
+    return overrides
+
+
 def run_quickstart(out: Path, pretrained: str | None = None, epochs: int | None = None, config: str | None = None):
     """Convert, fine-tune on the training patients, test on the held-out ones; print where everything is."""
     from ecgfm.cli import recipes_dir, run_lightning
@@ -67,12 +80,7 @@ def run_quickstart(out: Path, pretrained: str | None = None, epochs: int | None 
     summary = convert_bundled(shards)
     summary.print(console)
 
-    overrides = ["--config", str(recipe), f"--data.root={shards}", f"--trainer.default_root_dir={out}"]
-    overrides.append(f"--trainer.logger.init_args.save_dir={out / 'logs'}")
-    if pretrained:
-        overrides += ["--model.backbone=ecgfounder-12lead", f"--model.pretrained={pretrained}"]
-    if epochs is not None:
-        overrides.append(f"--trainer.max_epochs={epochs}")
+    overrides = recipe_overrides(recipe, shards, out, pretrained, epochs)
 
     console.rule("2/3 fine-tuning (train patients; validation patients pick the best epoch)")
     cli = run_lightning(["fit", *overrides])
