@@ -151,3 +151,13 @@ def test_verify_reports_truncated_shard(shared_data, tmp_path, capsys):
     assert main(["shard", "verify", str(out)]) == 1
     assert str(victim) in capsys.readouterr().out
     assert json.loads((out / "manifest.json").read_text())["n_segments"] == 50
+
+
+def test_parallel_workers_give_the_same_shards(shared_data, tmp_path):
+    serial = convert(shared_data / "cinc2021", tmp_path / "a", reader="challenge", progress=False)
+    parallel = convert(shared_data / "cinc2021", tmp_path / "b", reader="challenge", workers=2, progress=False)
+    assert (serial.records_read, serial.segments_written) == (parallel.records_read, parallel.segments_written)
+    _, a = read_all(tmp_path / "a")
+    _, b = read_all(tmp_path / "b")
+    np.testing.assert_array_equal(a["signal"], b["signal"])
+    assert list(a["record_id"]) == list(b["record_id"])
