@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -73,7 +74,22 @@ def run_shard(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """Entry point; a bad input ends with one line naming what is wrong (ECGFM_DEBUG=1 shows the traceback)."""
+    from ecgfm.backbones.checkpoint import CheckpointError
+    from ecgfm.data.shards import ShardError
+    from ecgfm.data.sources import RecordError
+    from ecgfm.leads import LeadError
+
+    try:
+        return _dispatch(list(sys.argv[1:] if argv is None else argv))
+    except (CheckpointError, ShardError, RecordError, LeadError, FileNotFoundError) as err:
+        if os.environ.get("ECGFM_DEBUG"):
+            raise
+        print(f"ecgfm: error: {err}", file=sys.stderr)
+        return 1
+
+
+def _dispatch(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0

@@ -177,3 +177,10 @@ def test_quickstart_recipe_fine_tunes_from_an_ecgfounder_checkpoint(ludb_shards,
         if not key.startswith("dense."):
             torch.testing.assert_close(loaded[key], value)
     assert cli.model.heads["diagnoses"].classifier[1].in_features == 1024
+
+
+def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
+    code = main(["fit", "--config", str(QUICKSTART_RECIPE), f"--data.root={tmp_path}", "--trainer.fast_dev_run=true"])
+    assert code == 1
+    assert f"ecgfm: error: no manifest.json at {tmp_path}" in capsys.readouterr().err
+    assert main(["nonsense"]) == 2
