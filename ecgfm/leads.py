@@ -32,7 +32,6 @@ _ALIASES.update(
         "avr": "aVR",
         "avl": "aVL",
         "avf": "aVF",
-        "-avr": "aVR",  # only the name; polarity is not flipped here
     }
 )
 

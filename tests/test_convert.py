@@ -33,9 +33,7 @@ def read_all(out):
 
 def test_shard_cli_converts_every_ludb_record(shared_data, tmp_path, capsys):
     out = tmp_path / "ludb"
-    assert (
-        main(["shard", "--source", str(shared_data / "ludb"), "--out", str(out), "--progress", "false"]) == 0
-    )
+    assert main(["shard", "--source", str(shared_data / "ludb"), "--out", str(out), "--progress", "false"]) == 0
     printed = capsys.readouterr().out
     assert "records read" in printed and "200" in printed
     manifest, arrays = read_all(out)

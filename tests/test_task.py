@@ -184,3 +184,20 @@ def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
     assert code == 1
     assert f"ecgfm: error: no manifest.json at {tmp_path}" in capsys.readouterr().err
     assert main(["nonsense"]) == 2
+
+
+def test_predict_every_segment_of_an_unsplit_folder(shared_data, tmp_path):
+    """New recordings (one patient here, never split) are scored with --data.predict_split all."""
+    from ecgfm.data.convert import convert
+
+    convert(shared_data / "ptbdb-s0010", tmp_path / "new", progress=False)
+    head = MultiLabelHead(name="diagnoses", labels=["a", "b"])
+    task = FineTuneTask(backbone="net1d-tiny", heads=[head])
+    import lightning as L
+
+    trainer = L.Trainer(logger=False, enable_progress_bar=False)
+    dm = ShardDataModule(str(tmp_path / "new"), batch_size=2, predict_split="all")
+    batches = trainer.predict(task, datamodule=dm)
+    ids = [rid for batch in batches for rid in batch["record_id"]]
+    assert ids == ["s0010_re"] * 3
+    assert batches[0]["diagnoses/p_a"].shape == (2,)

@@ -288,7 +288,7 @@ def ecgfounder_1lead(num_classes: int | None = None, **kwargs) -> Net1D:
 
 @register_backbone("net1d-small")
 def net1d_small(num_classes: int | None = None, **kwargs) -> Net1D:
-    """A ~0.4 M-parameter Net1D with the same structure, for CPU demos and fine-tuning from scratch."""
+    """A ~0.25 M-parameter Net1D with the same structure, for CPU demos and fine-tuning from scratch."""
     defaults = dict(base_filters=32, filter_list=[32, 64, 64, 128, 128], m_blocks_list=[1, 1, 1, 1, 1])
     defaults.update(kwargs)
     return _net1d(num_classes, **defaults)

@@ -38,6 +38,8 @@ class ShardDataModule(L.LightningDataModule):
         split_seed: changes the hash, hence the split.
         split_file: optional JSON ``{"train": [patient ids], "val": [...], "test": [...]}`` overriding the hash.
         targets: target names to load (default: all in the manifest).
+        predict_split: what ``ecgfm predict`` scores: ``test`` (held-out patients) or ``all`` (every segment,
+            e.g. a folder of new recordings that was never split).
     """
 
     def __init__(
@@ -51,10 +53,13 @@ class ShardDataModule(L.LightningDataModule):
         split_file: str | None = None,
         targets: list[str] | None = None,
         pin_memory: bool = False,
+        predict_split: str = "test",
     ):
         super().__init__()
         if not 0 <= val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
             raise ValueError(f"val_fraction={val_fraction} and test_fraction={test_fraction} leave no training data")
+        if predict_split not in ("test", "all"):
+            raise ValueError(f"predict_split must be 'test' or 'all', got {predict_split!r}")
         self.save_hyperparameters()
         self.root = Path(root)
         self.datasets: dict[str, ShardDataset] = {}
@@ -112,7 +117,10 @@ class ShardDataModule(L.LightningDataModule):
         return assignment
 
     def setup(self, stage: str | None = None) -> None:
-        if self.datasets:
+        if stage == "predict" and self.hparams.predict_split == "all":
+            self.datasets.setdefault("all", ShardDataset(self.root, targets=list(self.target_specs)))
+            return
+        if any(split in self.datasets for split in SPLITS):
             return
         for split, idx in self.split_indices().items():
             self.datasets[split] = ShardDataset(self.root, idx, targets=list(self.target_specs))
@@ -139,4 +147,4 @@ class ShardDataModule(L.LightningDataModule):
         return self._loader("test", shuffle=False)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+        return self._loader(self.hparams.predict_split, shuffle=False)
