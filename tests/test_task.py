@@ -74,7 +74,7 @@ def test_fit_test_predict_and_reload(ludb_shards, tmp_path):
     assert 0.0 <= p <= 1.0 and rows[0]["record_id"]
 
 
-def test_linear_probe_freezes_backbone(ludb_shards):
+def test_linear_probe_freezes_backbone(ludb_shards, tmp_path):
     datamodule = ShardDataModule(str(ludb_shards), batch_size=4)
     head = MultiLabelHead(name="dx", target="diagnoses", labels=["Sinus rhythm", "Atrial fibrillation"])
     task = FineTuneTask(backbone="net1d-tiny", heads=[head], finetune="linear_probe", lr=0.05, scheduler="none")
@@ -83,7 +83,12 @@ def test_linear_probe_freezes_backbone(ludb_shards):
     before = {k: v.clone() for k, v in task.backbone.state_dict().items()}
     head_before = task.heads["dx"].classifier[1].weight.clone()
     trainer = L.Trainer(
-        max_steps=3, limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False
+        max_steps=3,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        default_root_dir=tmp_path,
     )
     trainer.fit(task, datamodule=datamodule)
     for key, value in task.backbone.state_dict().items():
@@ -91,16 +96,18 @@ def test_linear_probe_freezes_backbone(ludb_shards):
     assert not torch.equal(task.heads["dx"].classifier[1].weight, head_before)
 
 
-def test_heads_need_a_known_target(ludb_shards):
+def test_heads_need_a_known_target(ludb_shards, tmp_path):
     import lightning as L
 
     task = FineTuneTask(backbone="net1d-tiny", heads=[RegressionHead(name="k", target="potassium")])
-    trainer = L.Trainer(fast_dev_run=True, logger=False, enable_progress_bar=False)
+    trainer = L.Trainer(fast_dev_run=True, logger=False, enable_progress_bar=False, default_root_dir=tmp_path)
     with pytest.raises(KeyError, match=r"target 'potassium', which the data does not have.*diagnoses"):
         trainer.fit(task, datamodule=ShardDataModule(str(ludb_shards), batch_size=4))
     bad = FineTuneTask(backbone="net1d-tiny", heads=[MultiLabelHead(name="d", target="diagnoses", labels=["Nope"])])
     with pytest.raises(KeyError, match=r"labels \['Nope'\] are not in target 'diagnoses'"):
-        L.Trainer(fast_dev_run=True, logger=False).fit(bad, datamodule=ShardDataModule(str(ludb_shards), batch_size=4))
+        L.Trainer(fast_dev_run=True, logger=False, default_root_dir=tmp_path).fit(
+            bad, datamodule=ShardDataModule(str(ludb_shards), batch_size=4)
+        )
 
 
 def test_missing_labels_do_not_move_the_loss():
@@ -195,7 +202,7 @@ def test_predict_every_segment_of_an_unsplit_folder(shared_data, tmp_path):
     task = FineTuneTask(backbone="net1d-tiny", heads=[head])
     import lightning as L
 
-    trainer = L.Trainer(logger=False, enable_progress_bar=False)
+    trainer = L.Trainer(logger=False, enable_progress_bar=False, default_root_dir=tmp_path)
     dm = ShardDataModule(str(tmp_path / "new"), batch_size=2, predict_split="all")
     batches = trainer.predict(task, datamodule=dm)
     ids = [rid for batch in batches for rid in batch["record_id"]]

@@ -91,11 +91,12 @@ def run_quickstart(out: Path, pretrained: str | None = None, epochs: int | None 
     results = test_cli.trainer.callback_metrics
     auroc = float(results["test/diagnoses/auroc"])
     console.rule("done")
-    console.print(f"test macro AUROC over {int(results['test/diagnoses/n_labels_scored'])} labels: {auroc:.3f}")
+    # plain print: rich would wrap long paths on a narrow terminal, and scripts read these lines
+    print(f"test macro AUROC over {int(results['test/diagnoses/n_labels_scored'])} labels: {auroc:.3f}")
     for key in sorted(k for k in results if k.startswith("test/diagnoses/auroc/")):
-        console.print(f"  {key.removeprefix('test/diagnoses/auroc/')}: {float(results[key]):.3f}")
-    console.print(f"checkpoint: {checkpoint}")
-    console.print(f"metrics:    {Path(cli.trainer.logger.log_dir) / 'metrics.csv'}")
-    console.print(f"test log:   {Path(test_cli.trainer.logger.log_dir) / 'metrics.csv'}")
-    console.print(f"took {time.perf_counter() - start:.0f} s")
+        print(f"  {key.removeprefix('test/diagnoses/auroc/')}: {float(results[key]):.3f}")
+    print(f"checkpoint: {checkpoint}")
+    print(f"metrics:    {Path(cli.trainer.logger.log_dir) / 'metrics.csv'}")
+    print(f"test log:   {Path(test_cli.trainer.logger.log_dir) / 'metrics.csv'}")
+    print(f"took {time.perf_counter() - start:.0f} s")
     return {"auroc": auroc, "checkpoint": checkpoint, "results": {k: float(v) for k, v in results.items()}}
