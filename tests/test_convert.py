@@ -58,12 +58,19 @@ def test_challenge_records_convert_with_named_diagnoses(shared_data, tmp_path):
         progress=False,
     )
     assert summary.records_read == 50 and summary.segments_written == 50 and not summary.skipped
+    # two Ningbo records store V2, V4 and V6 as all zeros: kept, with those leads masked as missing
+    assert sorted(summary.masked_leads) == [
+        (str(shared_data / "cinc2021" / "JS20004"), "V2 V4 V6"),
+        (str(shared_data / "cinc2021" / "JS20008"), "V2 V4 V6"),
+    ]
     manifest = Manifest.load(tmp_path / "cinc")
     names = manifest.targets["dx"].names
     assert "NSR" in names and not any(n.isdigit() for n in names)  # every code is named by the mapping tables
     with h5py.File(tmp_path / "cinc" / manifest.shards[0]["path"]) as f:
         ids = list(f["record_id"].asstr()[:])
         dx = f["targets/dx"][:]
+        mask = f["lead_mask"][ids.index("JS20004")]
+    assert [lead for lead, present in zip(STANDARD_LEADS, mask, strict=True) if not present] == ["V2", "V4", "V6"]
     # HR06001 is labelled 426783006 (NSR) and 55930002 (STC) in its header
     row = dx[ids.index("HR06001")]
     assert {names[i] for i in np.flatnonzero(row)} == {"NSR", "STC"}

@@ -113,6 +113,7 @@ class ConversionSummary:
     records_read: int = 0
     segments_written: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (record path, reason)
+    masked_leads: list[tuple[str, str]] = field(default_factory=list)  # (record path, "V2 V4") flat/NaN leads
     notes: list[str] = field(default_factory=list)
     out_dir: Path | None = None
 
@@ -124,6 +125,7 @@ class ConversionSummary:
         table.add_row("records read", str(self.records_read))
         table.add_row("segments written", str(self.segments_written))
         table.add_row("records skipped", str(len(self.skipped)))
+        table.add_row("records with flat/NaN leads masked", str(len(self.masked_leads)))
         console.print(table)
         if self.skipped:
             skipped = Table(title="skipped records (also in skipped.csv)")
@@ -146,6 +148,7 @@ class _Converted:
     lead_mask: np.ndarray | None = None
     starts: list[int] = field(default_factory=list)
     error: str | None = None
+    masked_leads: list[str] = field(default_factory=list)
 
 
 def _prepare(args: tuple[str, Path, int | None]) -> _Converted:
@@ -162,22 +165,25 @@ def _prepare(args: tuple[str, Path, int | None]) -> _Converted:
         return _Converted(path, error=f"{path}: no standard lead among {list(record.lead_names)}")
     signal = np.zeros((len(STANDARD_LEADS), record.signal.shape[1]), np.float32)
     lead_mask = np.zeros(len(STANDARD_LEADS), bool)
+    masked: list[str] = []
     for i in present:
         slot = STANDARD_LEADS.index(record.lead_names[i])
         lead = record.signal[i]
-        if np.isnan(lead).all():
-            continue  # an all-NaN lead is a missing lead
+        finite = lead[~np.isnan(lead)]
+        if finite.size == 0 or finite.min() == finite.max():
+            masked.append(record.lead_names[i])  # all-NaN or flat (e.g. a disconnected electrode): missing
+            continue
         signal[slot] = np.nan_to_num(lead, nan=0.0)
         lead_mask[slot] = True
     if not lead_mask.any():
-        return _Converted(path, error=f"{path}: every lead is NaN")
+        return _Converted(path, error=f"{path}: every lead is NaN or flat")
     if record.fs != FS:
         signal = resample(signal, record.fs, FS)
     starts = segment_starts(signal.shape[1], N_SAMPLES, stride)
     if not starts:
         seconds = signal.shape[1] / FS
         return _Converted(path, error=f"{path}: shorter than 10 s ({seconds:.2f} s at 500 Hz)")
-    return _Converted(path, record, to_int16_microvolts(signal), lead_mask, starts)
+    return _Converted(path, record, to_int16_microvolts(signal), lead_mask, starts, masked_leads=masked)
 
 
 def convert(
@@ -268,6 +274,8 @@ def convert(
                         values["dx"] = np.array([float(n in present) for n in dx_labels], np.float32)
                     patient = record.patient_id
                 summary.records_read += 1
+                if item.masked_leads:
+                    summary.masked_leads.append((str(item.path), " ".join(item.masked_leads)))
                 for start in item.starts:
                     if writer is None:
                         writer = _new_writer(out, len(manifest.shards), targets)
@@ -297,6 +305,8 @@ def convert(
     manifest.save(out)
     with open(out / "skipped.csv", "w", newline="") as f:
         csv.writer(f).writerows([("record", "reason"), *summary.skipped])
+    with open(out / "masked_leads.csv", "w", newline="") as f:
+        csv.writer(f).writerows([("record", "leads"), *summary.masked_leads])
     return summary
 
 
