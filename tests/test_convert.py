@@ -49,14 +49,7 @@ def test_shard_cli_converts_every_ludb_record(shared_data, tmp_path, capsys):
 
 
 def test_challenge_records_convert_with_named_diagnoses(shared_data, tmp_path):
-    maps = shared_data / "label_maps"
-    summary = convert(
-        shared_data / "cinc2021",
-        tmp_path / "cinc",
-        reader="challenge",
-        dx_mapping=[maps / "cinc2021_dx_mapping_scored.csv", maps / "cinc2021_dx_mapping_unscored.csv"],
-        progress=False,
-    )
+    summary = convert(shared_data / "cinc2021", tmp_path / "cinc", reader="challenge", progress=False)
     assert summary.records_read == 50 and summary.segments_written == 50 and not summary.skipped
     # two Ningbo records store V2, V4 and V6 as all zeros: kept, with those leads masked as missing
     assert sorted(summary.masked_leads) == [
@@ -74,6 +67,14 @@ def test_challenge_records_convert_with_named_diagnoses(shared_data, tmp_path):
     # HR06001 is labelled 426783006 (NSR) and 55930002 (STC) in its header
     row = dx[ids.index("HR06001")]
     assert {names[i] for i in np.flatnonzero(row)} == {"NSR", "STC"}
+
+
+def test_challenge_mapping_tables_can_be_replaced(shared_data, tmp_path):
+    table = tmp_path / "my_map.csv"
+    table.write_text("Dx,SNOMEDCTCode,Abbreviation\nsinus rhythm,426783006,SR\n")
+    convert(shared_data / "cinc2021", tmp_path / "cinc", reader="challenge", dx_mapping=[table], progress=False)
+    names = Manifest.load(tmp_path / "cinc").targets["dx"].names
+    assert "SR" in names and "NSR" not in names and "427084000" in names  # unknown codes keep their number
 
 
 def test_ptb_1000hz_15_signals_become_three_500hz_segments(shared_data, tmp_path):

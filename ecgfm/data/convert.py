@@ -17,7 +17,6 @@ from rich.table import Table
 
 from ecgfm.data.shards import MANIFEST_NAME, Manifest, ShardWriter, TargetSpec, to_int16_microvolts
 from ecgfm.data.sources import Record, RecordError, get_source
-from ecgfm.data.sources.challenge import dx_names, load_dx_mapping
 from ecgfm.leads import STANDARD_LEADS
 from ecgfm.signal import resample, segment_starts
 
@@ -151,11 +150,17 @@ class _Converted:
     masked_leads: list[str] = field(default_factory=list)
 
 
-def _prepare(args: tuple[str, Path, int | None]) -> _Converted:
+_READERS: dict[tuple, Any] = {}
+
+
+def _prepare(args: tuple[str, dict, Path, int | None]) -> _Converted:
     """Read one record and bring it to 12 canonical leads, 500 Hz, int16 µV (runs in worker processes)."""
-    reader_name, path, stride = args
+    reader_name, options, path, stride = args
+    key = (reader_name, repr(sorted(options.items())))
+    if key not in _READERS:  # one reader per process (building one may read mapping tables)
+        _READERS[key] = get_source(reader_name, **options)
     try:
-        record = get_source(reader_name).read(path)
+        record = _READERS[key].read(path)
     except RecordError as err:
         return _Converted(path, error=str(err))
     except Exception as err:  # a reader bug must not stop a million-record conversion; it is reported
@@ -197,6 +202,7 @@ def convert(
     regression: dict[str, list[str]] | None = None,
     units: dict[str, str] | None = None,
     dx_mapping: list[str | Path] | None = None,
+    reader_options: dict[str, Any] | None = None,
     segments_per_shard: int = 1024,
     stride: int | None = None,
     workers: int = 0,
@@ -214,7 +220,9 @@ def convert(
         multilabel: target name -> table columns whose cells hold label names.
         regression: target name -> numeric table columns.
         units: target name -> unit of a regression target.
-        dx_mapping: Challenge mapping CSVs (SNOMED-CT code -> abbreviation) to name ``dx`` labels.
+        dx_mapping: Challenge mapping CSVs (SNOMED-CT code -> abbreviation) to name ``dx`` labels; default:
+            the Challenge 2021 tables that ship with ecgfm.
+        reader_options: further keyword arguments of the reader (see ``ecgfm.data.sources``).
         segments_per_shard: segments per HDF5 file.
         stride: samples between segment starts (default 5000: no overlap).
         workers: processes reading records in parallel (0 = in this process).
@@ -224,7 +232,11 @@ def convert(
         raise FileNotFoundError(f"source folder {source} does not exist")
     out.mkdir(parents=True, exist_ok=True)
     summary = ConversionSummary(out_dir=out)
-    paths = get_source(reader).find_records(source)
+    options = dict(reader_options or {})
+    if dx_mapping:
+        options["dx_mapping"] = [str(p) for p in dx_mapping]
+    source_reader = get_source(reader, **options)
+    paths = source_reader.find_records(source)
     if not paths:
         raise FileNotFoundError(f"no {reader} records found under {source}")
 
@@ -235,11 +247,7 @@ def convert(
         )
         targets = table.targets
     else:
-        mapping = load_dx_mapping([Path(p) for p in dx_mapping]) if dx_mapping else {}
-        targets, dx_labels = {}, []
-        if reader == "challenge":
-            dx_labels = sorted({name for p in paths for name in dx_names(_header_dx(p), mapping)})
-            targets["dx"] = TargetSpec("multilabel", dx_labels)
+        targets = source_reader.target_specs(paths)
 
     manifest = Manifest(
         targets=targets,
@@ -247,7 +255,7 @@ def convert(
     )
     writer: ShardWriter | None = None
     matched_rows: set[int] = set()
-    jobs = [(reader, p, stride) for p in paths]
+    jobs = [(reader, options, p, stride) for p in paths]
     pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 0 else None
     results = pool.imap(_prepare, jobs, chunksize=4) if pool else map(_prepare, jobs)
     try:
@@ -268,10 +276,7 @@ def convert(
                     values = table.values(row)
                     patient = str(row[patient_column]).strip() if patient_column else record.patient_id
                 else:
-                    values = {}
-                    if "dx" in targets:
-                        present = set(dx_names(record.metadata.get("dx_codes", []), mapping))
-                        values["dx"] = np.array([float(n in present) for n in dx_labels], np.float32)
+                    values = source_reader.targets(record, targets)
                     patient = record.patient_id
                 summary.records_read += 1
                 if item.masked_leads:
@@ -308,18 +313,6 @@ def convert(
     with open(out / "masked_leads.csv", "w", newline="") as f:
         csv.writer(f).writerows([("record", "leads"), *summary.masked_leads])
     return summary
-
-
-def _header_dx(record_path: Path) -> list[str]:
-    """The ``# Dx:`` codes of a Challenge header, read without loading the signal (for the vocabulary)."""
-    header = record_path.with_suffix(".hea")
-    try:
-        for line in header.read_text(errors="replace").splitlines():
-            if line.lstrip("#").strip().lower().startswith("dx:"):
-                return [c.strip() for c in line.split(":", 1)[1].split(",") if c.strip()]
-    except OSError:
-        pass
-    return []
 
 
 def _new_writer(out: Path, index: int, targets: dict[str, TargetSpec]) -> ShardWriter:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ecgfm.data.shards import TargetSpec
 from ecgfm.leads import canonical_lead
 
 
@@ -36,9 +37,21 @@ class Record:
 
 
 class SourceReader:
-    """Finds the records of one on-disk format under a folder and reads them one by one."""
+    """Finds the records of one on-disk format under a folder and reads them one by one.
+
+    A reader whose format carries labels (Challenge ``# Dx:`` codes, PTB-XL's SCP statements) also declares
+    them: ``target_specs`` gives the vocabularies over all records, ``targets`` one record's values.
+    """
 
     name: str = ""
+
+    def target_specs(self, paths: list[Path]) -> dict[str, TargetSpec]:
+        """Targets this format provides for these records (none by default: labels come from a table)."""
+        return {}
+
+    def targets(self, record: Record, specs: dict[str, TargetSpec]) -> dict[str, np.ndarray]:
+        """One record's values for ``specs`` (from ``target_specs``): float32 per target, NaN where unknown."""
+        return {}
 
     def find_records(self, root: Path) -> list[Path]:
         """Record paths (header path minus ``.hea``) under ``root``, sorted so every run sees one order."""
@@ -70,11 +83,11 @@ def register_source(name: str) -> Callable[[type[SourceReader]], type[SourceRead
     return decorate
 
 
-def get_source(name: str) -> SourceReader:
+def get_source(name: str, **options) -> SourceReader:
     """A reader instance for a registered source name; unknown names fail with the list of known ones."""
     if name not in SOURCES:
         raise ValueError(f"unknown source {name!r}; known sources: {', '.join(sorted(SOURCES))}")
-    return SOURCES[name]()
+    return SOURCES[name](**options)
 
 
 def record_base(path: Path) -> Path:

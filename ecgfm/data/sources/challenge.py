@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import scipy.io
 
+from ecgfm.data.shards import TargetSpec
 from ecgfm.data.sources.base import (
     Record,
     RecordError,
@@ -95,9 +96,32 @@ def _load_val(mat: Path) -> np.ndarray:
     return np.asarray(contents["val"])
 
 
+#: The Challenge 2021 mapping tables shipped with ecgfm (BSD-2, see label_maps/cinc2021_LICENSE).
+DEFAULT_DX_MAPPING = (
+    Path(__file__).resolve().parents[1] / "label_maps" / "cinc2021_dx_mapping_scored.csv",
+    Path(__file__).resolve().parents[1] / "label_maps" / "cinc2021_dx_mapping_unscored.csv",
+)
+
+
 @register_source("challenge")
 class ChallengeReader(SourceReader):
-    """Challenge records: int16 ``val`` in the .mat; per-lead gain/baseline/unit and labels in the .hea."""
+    """Challenge records: int16 ``val`` in the .mat; per-lead gain/baseline/unit and labels in the .hea.
+
+    Provides the multi-label target ``dx``: the ``# Dx:`` SNOMED-CT codes named by the mapping tables
+    (the Challenge 2021 tables by default; codes no table knows keep their number).
+    """
+
+    def __init__(self, dx_mapping: list[str | Path] | None = None):
+        paths = [Path(p) for p in dx_mapping] if dx_mapping else list(DEFAULT_DX_MAPPING)
+        self.dx_mapping = load_dx_mapping(paths)
+
+    def target_specs(self, paths: list[Path]) -> dict[str, TargetSpec]:
+        names = sorted({name for p in paths for name in dx_names(header_dx_codes(p), self.dx_mapping)})
+        return {"dx": TargetSpec("multilabel", names)}
+
+    def targets(self, record: Record, specs: dict[str, TargetSpec]) -> dict[str, np.ndarray]:
+        present = set(dx_names(record.metadata.get("dx_codes", []), self.dx_mapping))
+        return {"dx": np.array([float(n in present) for n in specs["dx"].names], np.float32)}
 
     def read(self, path: Path) -> Record:
         """Read one record as float32 mV [L, T] with ``dx_codes``, age and sex in the metadata."""
@@ -158,6 +182,18 @@ class ChallengeReader(SourceReader):
                 "source": "challenge",
             },
         )
+
+
+def header_dx_codes(record_path: Path) -> list[str]:
+    """The ``# Dx:`` codes of a Challenge header, read without loading the signal (to build the vocabulary)."""
+    try:
+        text = header_path(record_base(Path(record_path))).read_text(errors="replace")
+    except OSError:
+        return []  # an unreadable header is reported when the record itself is read
+    for line in text.splitlines():
+        if line.lstrip("#").strip().lower().startswith("dx:"):
+            return [c.strip() for c in line.split(":", 1)[1].split(",") if c.strip()]
+    return []
 
 
 def load_dx_mapping(paths: Iterable[Path]) -> dict[str, str]:
