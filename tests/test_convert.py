@@ -52,9 +52,10 @@ def test_challenge_records_convert_with_named_diagnoses(shared_data, tmp_path):
     summary = convert(shared_data / "cinc2021", tmp_path / "cinc", reader="challenge", progress=False)
     assert summary.records_read == 50 and summary.segments_written == 50 and not summary.skipped
     # two Ningbo records store V2, V4 and V6 as all zeros: kept, with those leads masked as missing
-    assert sorted(summary.masked_leads) == [
-        (str(shared_data / "cinc2021" / "JS20004"), "V2 V4 V6"),
-        (str(shared_data / "cinc2021" / "JS20008"), "V2 V4 V6"),
+    flat = "leads V2 V4 V6 are flat or NaN: stored as missing (lead_mask 0)"
+    assert sorted(summary.warnings) == [
+        (str(shared_data / "cinc2021" / "JS20004"), flat),
+        (str(shared_data / "cinc2021" / "JS20008"), flat),
     ]
     manifest = Manifest.load(tmp_path / "cinc")
     names = manifest.targets["dx"].names
@@ -126,7 +127,7 @@ def test_label_table_targets_and_unmatched_records(shared_data, tmp_path):
         progress=False,
     )
     assert summary.records_read == 2
-    assert summary.skipped == [(str(src / "3"), f"{src / '3'}: no row in label table {table}")]
+    assert summary.skipped == [(str(src / "3"), f"{src / '3'}: no row in label table")]
     manifest = Manifest.load(tmp_path / "out")
     assert manifest.targets["dx"].names == ["AF", "LVH"]
     assert manifest.targets["potassium"].units == "mmol/L"
@@ -147,7 +148,7 @@ def test_label_table_with_unknown_column_names_it(shared_data, tmp_path):
 
 def test_verify_reports_truncated_shard(shared_data, tmp_path, capsys):
     out = tmp_path / "out"
-    convert(shared_data / "cinc2021", out, reader="challenge", segments_per_shard=20, progress=False)
+    convert(shared_data / "cinc2021", out, reader="challenge", records_per_shard=20, progress=False)
     manifest = Manifest.load(out)
     assert [s["n_segments"] for s in manifest.shards] == [20, 20, 10]
     assert main(["shard", "verify", str(out)]) == 0

@@ -3,19 +3,30 @@
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 import multiprocessing
+import os
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import h5py
 import numpy as np
 import pandas as pd
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from ecgfm.data.shards import MANIFEST_NAME, Manifest, ShardWriter, TargetSpec, to_int16_microvolts
+from ecgfm.data.shards import (
+    MANIFEST_NAME,
+    Manifest,
+    ShardWriter,
+    TargetSpec,
+    atomic_write_text,
+    to_int16_microvolts,
+)
 from ecgfm.data.sources import Record, RecordError, get_source
 from ecgfm.leads import STANDARD_LEADS
 from ecgfm.signal import resample, segment_starts
@@ -68,13 +79,13 @@ class LabelTable:
             targets[name] = TargetSpec("regression", list(columns), units.get(name, ""))
         return cls(rows, targets, patient_column, multilabel, regression)
 
-    def lookup(self, record: Record, root: Path) -> dict[str, Any] | None:
-        """The row of a record, matched by record id or by its path relative to the source folder."""
+    def lookup(self, record: Record, root: Path) -> tuple[str | None, dict[str, Any] | None]:
+        """(key, row) of a record, matched by record id or by its path relative to the source folder."""
         relative = record.path.relative_to(root).with_suffix("").as_posix() if root in record.path.parents else None
         for key in (record.record_id, relative):
             if key is not None and key in self.rows:
-                return self.rows[key]
-        return None
+                return key, self.rows[key]
+        return None, None
 
     def values(self, row: dict[str, Any]) -> dict[str, np.ndarray]:
         out = {}
@@ -107,13 +118,14 @@ def _to_float(text: str) -> float:
 
 @dataclass
 class ConversionSummary:
-    """What a conversion did: records read, segments written, and every skipped record with its reason."""
+    """What a conversion did: records read, segments written, every skipped record and every warning."""
 
     records_read: int = 0
     segments_written: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (record path, reason)
-    masked_leads: list[tuple[str, str]] = field(default_factory=list)  # (record path, "V2 V4") flat/NaN leads
+    warnings: list[tuple[str, str]] = field(default_factory=list)  # (record path, what was changed)
     notes: list[str] = field(default_factory=list)
+    shards_reused: int = 0
     out_dir: Path | None = None
 
     def print(self, console: Console | None = None) -> None:
@@ -123,16 +135,20 @@ class ConversionSummary:
         table.add_column("count", justify="right")
         table.add_row("records read", str(self.records_read))
         table.add_row("segments written", str(self.segments_written))
-        table.add_row("records skipped", str(len(self.skipped)))
-        table.add_row("records with flat/NaN leads masked", str(len(self.masked_leads)))
+        table.add_row("records skipped (skipped.csv)", str(len(self.skipped)))
+        table.add_row("records with warnings (warnings.csv)", str(len(self.warnings)))
+        table.add_row("finished shards reused", str(self.shards_reused))
         console.print(table)
-        if self.skipped:
-            skipped = Table(title="skipped records (also in skipped.csv)")
-            skipped.add_column("record")
-            skipped.add_column("reason")
-            for path, reason in self.skipped:
-                skipped.add_row(path, reason)
-            console.print(skipped)
+        for title, rows in (("skipped records", self.skipped), ("warnings", self.warnings)):
+            if rows:
+                listing = Table(title=title)
+                listing.add_column("record")
+                listing.add_column("reason" if rows is self.skipped else "warning")
+                for path, text in rows[:50]:
+                    listing.add_row(path, text)
+                console.print(listing)
+                if len(rows) > 50:
+                    console.print(f"... {len(rows) - 50} more {title}: see the CSV in {self.out_dir}")
         for note in self.notes:
             console.print(f"note: {note}")
 
@@ -145,29 +161,38 @@ class _Converted:
     record: Record | None = None
     signal: np.ndarray | None = None  # int16 [12, T] µV at 500 Hz
     lead_mask: np.ndarray | None = None
-    starts: list[int] = field(default_factory=list)
+    pieces: list[tuple[int, int]] = field(default_factory=list)  # (start, valid samples)
     error: str | None = None
-    masked_leads: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
 
-_READERS: dict[tuple, Any] = {}
+def cut_pieces(n_total: int, stride: int | None = None, last_piece: str = "drop") -> list[tuple[int, int]]:
+    """(start, valid samples) of every 10-s piece; ``last_piece="pad"`` keeps a short tail, zero-padded."""
+    if last_piece not in ("drop", "pad"):
+        raise ValueError(f"last_piece must be 'drop' or 'pad', got {last_piece!r}")
+    stride = stride or N_SAMPLES
+    pieces = [(start, N_SAMPLES) for start in segment_starts(n_total, N_SAMPLES, stride)]
+    tail = len(pieces) * stride
+    if last_piece == "pad" and tail < n_total and (not pieces or pieces[-1][0] + N_SAMPLES < n_total):
+        pieces.append((tail, n_total - tail))
+    return pieces
 
 
-def _prepare(args: tuple[str, dict, Path, int | None]) -> _Converted:
-    """Read one record and bring it to 12 canonical leads, 500 Hz, int16 µV (runs in worker processes)."""
-    reader_name, options, path, stride = args
-    key = (reader_name, repr(sorted(options.items())))
-    if key not in _READERS:  # one reader per process (building one may read mapping tables)
-        _READERS[key] = get_source(reader_name, **options)
+def prepare_record(reader: Any, path: Path, stride: int | None, last_piece: str) -> _Converted:
+    """Read one record and bring it to 12 canonical leads, 500 Hz, int16 µV, cut into pieces."""
     try:
-        record = _READERS[key].read(path)
+        record = reader.read(path)
     except RecordError as err:
         return _Converted(path, error=str(err))
     except Exception as err:  # a reader bug must not stop a million-record conversion; it is reported
         return _Converted(path, error=f"{path}: unexpected {type(err).__name__}: {err}")
+    warnings: list[str] = []
     present = [i for i, name in enumerate(record.lead_names) if name in STANDARD_LEADS]
+    other = [name for name in record.lead_names if name not in STANDARD_LEADS]
     if not present:
         return _Converted(path, error=f"{path}: no standard lead among {list(record.lead_names)}")
+    if other:
+        warnings.append(f"non-standard signals ignored: {' '.join(other)}")
     signal = np.zeros((len(STANDARD_LEADS), record.signal.shape[1]), np.float32)
     lead_mask = np.zeros(len(STANDARD_LEADS), bool)
     masked: list[str] = []
@@ -178,17 +203,114 @@ def _prepare(args: tuple[str, dict, Path, int | None]) -> _Converted:
         if finite.size == 0 or finite.min() == finite.max():
             masked.append(record.lead_names[i])  # all-NaN or flat (e.g. a disconnected electrode): missing
             continue
+        if finite.size < lead.size:
+            warnings.append(f"lead {record.lead_names[i]}: {lead.size - finite.size} NaN samples set to 0")
         signal[slot] = np.nan_to_num(lead, nan=0.0)
         lead_mask[slot] = True
     if not lead_mask.any():
         return _Converted(path, error=f"{path}: every lead is NaN or flat")
+    if masked:
+        warnings.append(f"leads {' '.join(masked)} are flat or NaN: stored as missing (lead_mask 0)")
     if record.fs != FS:
         signal = resample(signal, record.fs, FS)
-    starts = segment_starts(signal.shape[1], N_SAMPLES, stride)
-    if not starts:
+    pieces = cut_pieces(signal.shape[1], stride, last_piece)
+    if not pieces:
         seconds = signal.shape[1] / FS
         return _Converted(path, error=f"{path}: shorter than 10 s ({seconds:.2f} s at 500 Hz)")
-    return _Converted(path, record, to_int16_microvolts(signal), lead_mask, starts, masked_leads=masked)
+    if pieces[-1][1] < N_SAMPLES:
+        warnings.append(f"last piece padded: {pieces[-1][1]} real samples of {N_SAMPLES}")
+    return _Converted(path, record, to_int16_microvolts(signal), lead_mask, pieces, warnings=warnings)
+
+
+@dataclass
+class _Job:
+    """Everything a worker needs to write one shard from a fixed slice of the sorted record list."""
+
+    index: int
+    paths: list[Path]
+    out: Path
+    source: Path
+    reader: str
+    options: dict[str, Any]
+    table: LabelTable | None
+    patient_column: str | None
+    targets: dict[str, TargetSpec]
+    stride: int | None
+    last_piece: str
+    fingerprint: str
+
+    @property
+    def shard_path(self) -> Path:
+        return self.out / f"shard-{self.index:05d}.h5"
+
+    @property
+    def sidecar_path(self) -> Path:
+        return self.out / f"shard-{self.index:05d}.json"
+
+
+_READERS: dict[str, Any] = {}
+
+
+def _reader_for(job: _Job) -> Any:
+    key = f"{job.reader}:{json.dumps(job.options, sort_keys=True, default=str)}"
+    if key not in _READERS:  # one reader per process (building one may read mapping tables)
+        _READERS[key] = get_source(job.reader, **job.options)
+    return _READERS[key]
+
+
+def _convert_shard(job: _Job) -> dict[str, Any]:
+    """Convert one slice of records into one shard + its sidecar JSON (runs in worker processes)."""
+    reader = _reader_for(job)
+    writer = ShardWriter(job.shard_path, job.targets, fs=FS, n_samples=N_SAMPLES)
+    result: dict[str, Any] = {"fingerprint": job.fingerprint, "records": [str(p) for p in job.paths]}
+    result.update(records_read=0, skipped=[], warnings=[], matched_rows=[])
+    try:
+        for path in job.paths:
+            item = prepare_record(reader, path, job.stride, job.last_piece)
+            if item.error:
+                result["skipped"].append((str(path), item.error))
+                continue
+            record = item.record
+            if job.table is not None:
+                key, row = job.table.lookup(record, job.source)
+                if row is None:
+                    result["skipped"].append((str(path), f"{path}: no row in label table"))
+                    continue
+                result["matched_rows"].append(key)
+                values = job.table.values(row)
+                patient = str(row[job.patient_column]).strip() if job.patient_column else record.patient_id
+            else:
+                values = reader.targets(record, job.targets)
+                patient = record.patient_id
+            result["records_read"] += 1
+            result["warnings"].extend((str(path), w) for w in item.warnings)
+            for start, valid in item.pieces:
+                piece = item.signal[:, start : start + valid]
+                if valid < N_SAMPLES:
+                    piece = np.pad(piece, ((0, 0), (0, N_SAMPLES - valid)))
+                writer.append(
+                    piece, item.lead_mask, record.record_id, patient or record.record_id, start, values, valid
+                )
+        result["n_segments"] = len(writer)
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    result["path"] = job.shard_path.name
+    atomic_write_text(job.sidecar_path, json.dumps(result))
+    return result
+
+
+def _finished(job: _Job) -> dict[str, Any] | None:
+    """The sidecar of a shard finished by an earlier run with the same inputs, or None."""
+    if not (job.shard_path.is_file() and job.sidecar_path.is_file()):
+        return None
+    try:
+        done = json.loads(job.sidecar_path.read_text())
+    except json.JSONDecodeError:
+        return None
+    same = done.get("fingerprint") == job.fingerprint and done.get("records") == [str(p) for p in job.paths]
+    return done if same else None
 
 
 def convert(
@@ -203,35 +325,42 @@ def convert(
     units: dict[str, str] | None = None,
     dx_mapping: list[str | Path] | None = None,
     reader_options: dict[str, Any] | None = None,
-    segments_per_shard: int = 1024,
+    records_per_shard: int = 1024,
     stride: int | None = None,
+    last_piece: str = "drop",
     workers: int = 0,
     progress: bool = True,
 ) -> ConversionSummary:
-    """Convert every record under ``source`` into shards in ``out``.
+    """Convert every record under ``source`` into shards in ``out``; a rerun reuses the shards already finished.
 
     Args:
-        source: folder searched recursively for records.
-        out: output folder for ``shard-NNNNN.h5``, ``manifest.json`` and ``skipped.csv``.
-        reader: source format (``wfdb``, ``challenge``).
-        labels: CSV with one row per record; without it, Challenge ``# Dx:`` codes become the ``dx`` target.
+        source: folder searched for records.
+        out: output folder for ``shard-NNNNN.h5`` (+ a ``.json`` sidecar each), ``manifest.json``,
+            ``patient_keys.npy``, ``skipped.csv`` and ``warnings.csv``.
+        reader: source format (``ecgfm.data.sources.SOURCES``: wfdb, challenge, ...).
+        labels: CSV with one row per record; without it, the reader's own labels (e.g. Challenge ``# Dx:``).
         record_column: the table column naming the record (its id, or its path relative to ``source``).
-        patient_column: the table column with the patient id (patient-level splits); default: the record id.
+        patient_column: the table column with the patient id (patient-level splits); default: the reader's.
         multilabel: target name -> table columns whose cells hold label names.
         regression: target name -> numeric table columns.
         units: target name -> unit of a regression target.
         dx_mapping: Challenge mapping CSVs (SNOMED-CT code -> abbreviation) to name ``dx`` labels; default:
             the Challenge 2021 tables that ship with ecgfm.
         reader_options: further keyword arguments of the reader (see ``ecgfm.data.sources``).
-        segments_per_shard: segments per HDF5 file.
+        records_per_shard: records per HDF5 file (shard k always holds records k*n ... (k+1)*n - 1 in sorted
+            order, which is what lets an interrupted conversion resume shard by shard).
         stride: samples between segment starts (default 5000: no overlap).
-        workers: processes reading records in parallel (0 = in this process).
+        last_piece: ``drop`` a record's tail shorter than 10 s, or ``pad`` it with zeros (``/valid_samples``
+            says how much is real; a record shorter than 10 s then gives one padded segment).
+        workers: processes converting shards in parallel (0 = in this process).
     """
     source, out = Path(source), Path(out)
-    if not source.is_dir():
+    if not source.exists():
         raise FileNotFoundError(f"source folder {source} does not exist")
+    if records_per_shard < 1:
+        raise ValueError(f"records_per_shard must be at least 1, got {records_per_shard}")
+    cut_pieces(0, stride, last_piece)  # validates last_piece early
     out.mkdir(parents=True, exist_ok=True)
-    summary = ConversionSummary(out_dir=out)
     options = dict(reader_options or {})
     if dx_mapping:
         options["dx_mapping"] = [str(p) for p in dx_mapping]
@@ -248,80 +377,111 @@ def convert(
         targets = table.targets
     else:
         targets = source_reader.target_specs(paths)
+    fingerprint = json.dumps(
+        {
+            "source": str(source),
+            "reader": reader,
+            "options": options,
+            "labels": str(labels) if labels else None,
+            "targets": {k: asdict(v) for k, v in targets.items()},
+            "stride": stride,
+            "last_piece": last_piece,
+            "records_per_shard": records_per_shard,
+        },
+        sort_keys=True,
+        default=str,
+    )
+    fingerprint = hashlib.sha256(fingerprint.encode()).hexdigest()
+    jobs = [
+        _Job(
+            index=k,
+            paths=paths[start : start + records_per_shard],
+            out=out,
+            source=source,
+            reader=reader,
+            options=options,
+            table=table,
+            patient_column=patient_column,
+            targets=targets,
+            stride=stride,
+            last_piece=last_piece,
+            fingerprint=fingerprint,
+        )
+        for k, start in enumerate(range(0, len(paths), records_per_shard))
+    ]
+    _remove_stale(out, len(jobs))
+
+    summary = ConversionSummary(out_dir=out)
+    results: dict[int, dict[str, Any]] = {}
+    pending = []
+    for job in jobs:
+        done = _finished(job)
+        if done is not None:
+            results[job.index] = done
+            summary.shards_reused += 1
+        else:
+            pending.append(job)
+    by_index = {job.index: job for job in jobs}
+    pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 0 and len(pending) > 1 else None
+    try:
+        with _progress(progress) as bar:
+            task = bar.add_task(f"converting {source}", total=len(paths))
+            bar.advance(task, sum(len(by_index[k].paths) for k in results))
+            stream = pool.imap_unordered(_convert_shard, pending) if pool else map(_convert_shard, pending)
+            for result in stream:
+                index = int(result["path"].split("-")[1].split(".")[0])
+                results[index] = result
+                bar.advance(task, len(by_index[index].paths))
+    finally:
+        if pool is not None:
+            pool.terminate()
 
     manifest = Manifest(
         targets=targets,
         source={"path": str(source), "reader": reader, "labels": str(labels) if labels else None},
     )
-    writer: ShardWriter | None = None
-    matched_rows: set[int] = set()
-    jobs = [(reader, options, p, stride) for p in paths]
-    pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 0 else None
-    results = pool.imap(_prepare, jobs, chunksize=4) if pool else map(_prepare, jobs)
-    try:
-        with _progress(progress) as bar:
-            task = bar.add_task(f"converting {source}", total=len(paths))
-            for item in results:
-                bar.advance(task)
-                if item.error:
-                    summary.skipped.append((str(item.path), item.error))
-                    continue
-                record = item.record
-                if table is not None:
-                    row = table.lookup(record, source)
-                    if row is None:
-                        summary.skipped.append((str(item.path), f"{item.path}: no row in label table {labels}"))
-                        continue
-                    matched_rows.add(id(row))
-                    values = table.values(row)
-                    patient = str(row[patient_column]).strip() if patient_column else record.patient_id
-                else:
-                    values = source_reader.targets(record, targets)
-                    patient = record.patient_id
-                summary.records_read += 1
-                if item.masked_leads:
-                    summary.masked_leads.append((str(item.path), " ".join(item.masked_leads)))
-                for start in item.starts:
-                    if writer is None:
-                        writer = _new_writer(out, len(manifest.shards), targets)
-                    writer.append(
-                        item.signal[:, start : start + N_SAMPLES],
-                        item.lead_mask,
-                        record.record_id,
-                        patient or record.record_id,
-                        start,
-                        values,
-                    )
-                    summary.segments_written += 1
-                    if len(writer) >= segments_per_shard:
-                        _close(writer, manifest, out)
-                        writer = None
-        if writer is not None:
-            _close(writer, manifest, out)
-            writer = None
-    finally:
-        if writer is not None:
-            writer.abort()
-        if pool is not None:
-            pool.terminate()
-
-    if table is not None and len(matched_rows) < len(table.rows):
-        summary.notes.append(f"{len(table.rows) - len(matched_rows)} label-table rows have no record in {source}")
+    matched: set[str] = set()
+    for index in range(len(jobs)):
+        result = results[index]
+        manifest.shards.append({"path": result["path"], "n_segments": int(result["n_segments"])})
+        summary.records_read += int(result["records_read"])
+        summary.segments_written += int(result["n_segments"])
+        summary.skipped.extend(tuple(x) for x in result["skipped"])
+        summary.warnings.extend(tuple(x) for x in result["warnings"])
+        matched.update(result["matched_rows"])
+    if table is not None and len(matched) < len(table.rows):
+        summary.notes.append(f"{len(table.rows) - len(matched)} label-table rows have no record in {source}")
+    _write_patient_keys(out, manifest)
     manifest.save(out)
-    with open(out / "skipped.csv", "w", newline="") as f:
-        csv.writer(f).writerows([("record", "reason"), *summary.skipped])
-    with open(out / "masked_leads.csv", "w", newline="") as f:
-        csv.writer(f).writerows([("record", "leads"), *summary.masked_leads])
+    for name, rows, header in (
+        ("skipped.csv", summary.skipped, ("record", "reason")),
+        ("warnings.csv", summary.warnings, ("record", "warning")),
+    ):
+        with open(out / name, "w", newline="") as f:
+            csv.writer(f).writerows([header, *rows])
     return summary
 
 
-def _new_writer(out: Path, index: int, targets: dict[str, TargetSpec]) -> ShardWriter:
-    return ShardWriter(out / f"shard-{index:05d}.h5", targets, fs=FS, n_samples=N_SAMPLES)
+def _remove_stale(out: Path, n_jobs: int) -> None:
+    """Delete shards (and half-written temporaries) that this conversion will not produce."""
+    for path in out.glob("shard-*"):
+        stem = path.name.split(".")[0]
+        number = stem.removeprefix("shard-")
+        if path.name.endswith(".tmp") or (number.isdigit() and int(number) >= n_jobs):
+            path.unlink()
 
 
-def _close(writer: ShardWriter, manifest: Manifest, out: Path) -> None:
-    path = writer.close()
-    manifest.shards.append({"path": path.name, "n_segments": writer.n})
+def _write_patient_keys(out: Path, manifest: Manifest) -> None:
+    """patient_keys.npy: one uint64 per segment in manifest order, so splits need no per-segment strings."""
+    parts = []
+    for shard in manifest.shards:
+        with h5py.File(out / shard["path"], "r") as f:
+            parts.append(f["patient_key"][:])
+    keys = np.concatenate(parts) if parts else np.zeros(0, np.uint64)
+    tmp = out / "patient_keys.npy.tmp"
+    with open(tmp, "wb") as f:
+        np.save(f, keys.astype(np.uint64))
+    os.replace(tmp, out / "patient_keys.npy")
 
 
 def _progress(enabled: bool) -> Progress:
@@ -334,4 +494,4 @@ def _progress(enabled: bool) -> Progress:
     )
 
 
-__all__ = ["ConversionSummary", "LabelTable", "MANIFEST_NAME", "convert"]
+__all__ = ["ConversionSummary", "LabelTable", "MANIFEST_NAME", "convert", "cut_pieces", "prepare_record"]

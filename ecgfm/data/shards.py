@@ -5,6 +5,7 @@ The format is specified in docs/shard-format.md; bump ``SHARD_VERSION`` when it 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -60,7 +61,7 @@ class Manifest:
         path = Path(root) / MANIFEST_NAME
         data = asdict(self)
         data["n_segments"] = self.n_segments
-        _atomic_write_text(path, json.dumps(data, indent=2))
+        atomic_write_text(path, json.dumps(data, indent=2))
         return path
 
     @classmethod
@@ -83,7 +84,7 @@ class Manifest:
         return cls(**data)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
@@ -95,8 +96,17 @@ def to_int16_microvolts(signal_mv: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(uv), INT16_MIN, INT16_MAX).astype(np.int16)
 
 
+def patient_key(patient_id: str) -> np.uint64:
+    """A stable 64-bit key for a patient id (first 8 bytes of its sha256): splits need no strings at scale."""
+    return np.frombuffer(hashlib.sha256(patient_id.encode()).digest()[:8], dtype=">u8")[0].astype(np.uint64)
+
+
 class ShardWriter:
-    """Write one shard under a temporary name and rename it into place on ``close()``, so no half shard exists."""
+    """Write one shard under a temporary name and rename it into place on ``close()``, so no half shard exists.
+
+    Signals are spooled to a raw temporary file and stored as one contiguous, uncompressed ``/signal`` dataset,
+    so readers can memory-map it (no HDF5 call per segment).
+    """
 
     def __init__(
         self,
@@ -109,38 +119,28 @@ class ShardWriter:
     ):
         self.path = Path(path)
         self.tmp_path = self.path.with_name(self.path.name + ".tmp")
+        self.spool_path = self.path.with_name(self.path.name + ".signal.tmp")
         self.targets = targets
-        self.n_leads = len(lead_names)
+        self.lead_names = tuple(lead_names)
         self.n_samples = n_samples
-        self.n = 0
-        self.flush_every = 256
-        self._buffer: list[tuple] = []
-        self._file = h5py.File(self.tmp_path, "w")
-        f = self._file
-        f.attrs.update(
-            {
-                "format": SHARD_FORMAT,
-                "version": SHARD_VERSION,
-                "fs": fs,
-                "n_samples": n_samples,
-                "lead_names": list(lead_names),
-                "preprocessing": "none (raw µV; preprocessing runs on the device)",
-            }
-        )
-        for key, value in (attrs or {}).items():
-            f.attrs[key] = value
-        shape = (0, self.n_leads, n_samples)
-        f.create_dataset("signal", shape, np.int16, maxshape=(None, *shape[1:]), chunks=(1, *shape[1:]))
-        f.create_dataset("lead_mask", (0, self.n_leads), bool, maxshape=(None, self.n_leads))
-        str_dtype = h5py.string_dtype()
-        f.create_dataset("record_id", (0,), str_dtype, maxshape=(None,))
-        f.create_dataset("patient_id", (0,), str_dtype, maxshape=(None,))
-        f.create_dataset("segment_start", (0,), np.int32, maxshape=(None,))
-        group = f.create_group("targets")
-        for name, spec in targets.items():
-            k = len(spec.names)
-            dset = group.create_dataset(name, (0, k), np.float32, maxshape=(None, k))
-            dset.attrs.update({"names": spec.names, "units": spec.units, "kind": spec.kind})
+        self.attrs = {
+            "format": SHARD_FORMAT,
+            "version": SHARD_VERSION,
+            "fs": fs,
+            "n_samples": n_samples,
+            "lead_names": list(lead_names),
+            "preprocessing": "none (raw µV; preprocessing runs on the device)",
+            **(attrs or {}),
+        }
+        self._spool = open(self.spool_path, "wb")  # noqa: SIM115 - closed in close()/abort()
+        self._rows: dict[str, list] = {
+            "lead_mask": [],
+            "record_id": [],
+            "patient_id": [],
+            "segment_start": [],
+            "valid_samples": [],
+        }
+        self._targets: dict[str, list[np.ndarray]] = {name: [] for name in targets}
 
     def append(
         self,
@@ -150,56 +150,78 @@ class ShardWriter:
         patient_id: str,
         segment_start: int,
         targets: dict[str, np.ndarray],
+        valid_samples: int | None = None,
     ) -> None:
-        """Add one segment: signal int16 [L, T] µV, lead_mask bool [L], targets {name: float32 [K]} (NaN = missing)."""
-        if signal_int16.shape != (self.n_leads, self.n_samples) or signal_int16.dtype != np.int16:
+        """Add one segment: int16 [L, T] µV, lead_mask bool [L], targets {name: float32 [K]} (NaN = missing).
+
+        ``valid_samples`` < T marks a zero-padded last piece of a record (default: all T samples are real).
+        """
+        expected = (len(self.lead_names), self.n_samples)
+        if signal_int16.shape != expected or signal_int16.dtype != np.int16:
             raise ShardError(
-                f"segment of {record_id} has shape {signal_int16.shape} {signal_int16.dtype}; "
-                f"expected ({self.n_leads}, {self.n_samples}) int16"
+                f"segment of {record_id} has shape {signal_int16.shape} {signal_int16.dtype}; expected {expected} int16"
             )
-        self._buffer.append((signal_int16, lead_mask, record_id, patient_id, segment_start, targets))
-        if len(self._buffer) >= self.flush_every:
-            self.flush()
+        self._spool.write(np.ascontiguousarray(signal_int16).tobytes())
+        rows = self._rows
+        rows["lead_mask"].append(np.asarray(lead_mask, dtype=bool))
+        rows["record_id"].append(record_id)
+        rows["patient_id"].append(patient_id)
+        rows["segment_start"].append(segment_start)
+        rows["valid_samples"].append(self.n_samples if valid_samples is None else valid_samples)
+        for name, spec in self.targets.items():
+            value = np.asarray(targets[name], dtype=np.float32).reshape(-1)
+            if value.shape != (len(spec.names),):
+                raise ShardError(f"target {name!r} of {record_id} has {value.size} values, expected {len(spec.names)}")
+            self._targets[name].append(value)
 
     def __len__(self) -> int:
-        """Segments appended so far, written or buffered."""
-        return self.n + len(self._buffer)
-
-    def flush(self) -> None:
-        """Write the buffered segments with one resize per dataset (row-by-row resizing is slow)."""
-        if not self._buffer:
-            return
-        f, start, rows = self._file, self.n, self._buffer
-        stop = start + len(rows)
-        columns = {
-            "signal": np.stack([r[0] for r in rows]),
-            "lead_mask": np.stack([np.asarray(r[1], dtype=bool) for r in rows]),
-            "record_id": [r[2] for r in rows],
-            "patient_id": [r[3] for r in rows],
-            "segment_start": np.asarray([r[4] for r in rows], dtype=np.int32),
-        }
-        for name in self.targets:
-            columns[f"targets/{name}"] = np.stack([np.asarray(r[5][name], dtype=np.float32) for r in rows])
-        for name, values in columns.items():
-            f[name].resize(stop, axis=0)
-            f[name][start:stop] = values
-        self.n = stop
-        self._buffer = []
+        """Segments appended so far."""
+        return len(self._rows["record_id"])
 
     def close(self) -> Path:
-        """Flush, close and rename into place; returns the final path."""
-        self.flush()
-        self._file.attrs["n_segments"] = self.n
-        self._file.close()
+        """Write the HDF5 file, then rename it into place; returns the final path."""
+        self._spool.close()
+        n, leads = len(self), len(self.lead_names)
+        rows = self._rows
+        with h5py.File(self.tmp_path, "w") as f:
+            f.attrs.update({**self.attrs, "n_segments": n})
+            signal = f.create_dataset("signal", (n, leads, self.n_samples), np.int16)  # contiguous: memory-mappable
+            spooled = np.memmap(self.spool_path, np.int16, "r", shape=(n, leads, self.n_samples)) if n else None
+            for start in range(0, n, 256):
+                signal[start : start + 256] = spooled[start : start + 256]
+            del spooled
+            f.create_dataset("lead_mask", data=np.array(rows["lead_mask"], dtype=bool).reshape(n, leads))
+            f.create_dataset("record_id", data=np.array(rows["record_id"], dtype=object), dtype=h5py.string_dtype())
+            f.create_dataset("patient_id", data=np.array(rows["patient_id"], dtype=object), dtype=h5py.string_dtype())
+            keys = np.array([patient_key(p) for p in rows["patient_id"]], dtype=np.uint64)
+            f.create_dataset("patient_key", data=keys)
+            f.create_dataset("segment_start", data=np.array(rows["segment_start"], dtype=np.int32))
+            f.create_dataset("valid_samples", data=np.array(rows["valid_samples"], dtype=np.int32))
+            group = f.create_group("targets")
+            for name, spec in self.targets.items():
+                values = np.array(self._targets[name], dtype=np.float32).reshape(n, len(spec.names))
+                dset = group.create_dataset(name, data=values)
+                dset.attrs.update({"names": spec.names, "units": spec.units, "kind": spec.kind})
+        self.spool_path.unlink(missing_ok=True)
         os.replace(self.tmp_path, self.path)
         return self.path
 
     def abort(self) -> None:
-        """Drop the partial shard."""
-        try:
-            self._file.close()
-        finally:
-            self.tmp_path.unlink(missing_ok=True)
+        """Drop the partial shard and its spool."""
+        self._spool.close()
+        self.spool_path.unlink(missing_ok=True)
+        self.tmp_path.unlink(missing_ok=True)
+
+
+def signal_memmap(f: h5py.File) -> np.ndarray | None:
+    """A read-only memory map of a shard's contiguous ``/signal`` (None for chunked or compressed files)."""
+    dset = f["signal"]
+    if dset.chunks is not None or dset.compression is not None or dset.shape[0] == 0:
+        return None
+    offset = dset.id.get_offset()
+    if offset is None:
+        return None
+    return np.memmap(f.filename, dtype=np.int16, mode="r", offset=offset, shape=dset.shape)
 
 
 def open_shard(path: str | Path) -> h5py.File:
