@@ -2,29 +2,18 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 from torch.utils.data import DataLoader
 
-from ecgfm.data.dataset import ShardDataset
+from ecgfm.data.dataset import ShardDataset, collate
+from ecgfm.data.index import SPLITS, SegmentIndex, patient_split
+from ecgfm.data.sampler import ShardSampler
 from ecgfm.data.shards import Manifest, TargetSpec
 
-SPLITS = ("train", "val", "test")
-
-
-def patient_split(patient_id: str, val_fraction: float, test_fraction: float, seed: int = 0) -> str:
-    """The split of a patient from a hash of its id: stable across runs, machines and growing data sets."""
-    digest = hashlib.sha256(f"{seed}:{patient_id}".encode()).digest()
-    u = int.from_bytes(digest[:8], "big") / 2**64
-    if u < test_fraction:
-        return "test"
-    if u < test_fraction + val_fraction:
-        return "val"
-    return "train"
+__all__ = ["ShardDataModule", "patient_split"]
 
 
 class ShardDataModule(L.LightningDataModule):
@@ -40,6 +29,9 @@ class ShardDataModule(L.LightningDataModule):
         targets: target names to load (default: all in the manifest).
         predict_split: what ``ecgfm predict`` scores: ``test`` (held-out patients) or ``all`` (every segment,
             e.g. a folder of new recordings that was never split).
+        shuffle_buffer: training order = shards shuffled, then segments shuffled within windows of this size
+            (bigger mixes more, smaller reads more sequentially).
+        shuffle_seed: seed of the training order; each epoch uses (seed, epoch).
     """
 
     def __init__(
@@ -54,6 +46,8 @@ class ShardDataModule(L.LightningDataModule):
         targets: list[str] | None = None,
         pin_memory: bool = False,
         predict_split: str = "test",
+        shuffle_buffer: int = 1024,
+        shuffle_seed: int = 0,
     ):
         super().__init__()
         if not 0 <= val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
@@ -75,46 +69,18 @@ class ShardDataModule(L.LightningDataModule):
         return {name: self.manifest.targets[name] for name in names}
 
     def split_indices(self) -> dict[str, np.ndarray]:
-        """Segment positions per split; raises if a patient would be in two splits or a split is empty."""
-        full = ShardDataset(self.root, targets=[])
-        patients = full.patient_ids()
-        full.close()
-        assignment = self._explicit_assignment()
-        labels = np.empty(len(patients), dtype="<U5")
-        cache: dict[str, str] = {}
-        for i, pid in enumerate(patients):
-            if pid not in cache:
-                if assignment is not None:
-                    if pid not in assignment:
-                        raise KeyError(f"patient {pid!r} is not in split file {self.hparams.split_file}")
-                    cache[pid] = assignment[pid]
-                else:
-                    cache[pid] = patient_split(
-                        pid, self.hparams.val_fraction, self.hparams.test_fraction, self.hparams.split_seed
-                    )
-            labels[i] = cache[pid]
-        out = {split: np.flatnonzero(labels == split) for split in SPLITS}
+        """Sorted segment positions per split; raises if a split the fractions ask for comes out empty."""
+        hp = self.hparams
+        index = SegmentIndex(self.root)
+        out = index.split_positions(hp.val_fraction, hp.test_fraction, hp.split_seed, hp.split_file)
         for split, idx in out.items():
-            if len(idx) == 0 and (split == "train" or getattr(self.hparams, f"{split}_fraction", 1) > 0):
+            wanted = split == "train" or hp.split_file is None and getattr(hp, f"{split}_fraction") > 0
+            if len(idx) == 0 and wanted:
                 raise ValueError(
-                    f"split {split!r} of {self.root} is empty ({len(cache)} patients); "
+                    f"split {split!r} of {self.root} is empty ({index.n_segments} segments); "
                     "use more data or change val_fraction/test_fraction"
                 )
         return out
-
-    def _explicit_assignment(self) -> dict[str, str] | None:
-        if not self.hparams.split_file:
-            return None
-        data = json.loads(Path(self.hparams.split_file).read_text())
-        assignment: dict[str, str] = {}
-        for split in SPLITS:
-            for pid in data.get(split, []):
-                if pid in assignment:
-                    raise ValueError(
-                        f"patient {pid!r} is in both {assignment[pid]} and {split} in {self.hparams.split_file}"
-                    )
-                assignment[str(pid)] = split
-        return assignment
 
     def setup(self, stage: str | None = None) -> None:
         if stage == "predict" and self.hparams.predict_split == "all":
@@ -126,15 +92,28 @@ class ShardDataModule(L.LightningDataModule):
             self.datasets[split] = ShardDataset(self.root, idx, targets=list(self.target_specs))
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        workers = self.hparams.num_workers
-        return DataLoader(
-            self.datasets[split],
-            batch_size=self.hparams.batch_size,
+        hp = self.hparams
+        dataset = self.datasets[split]
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        sampler = ShardSampler(
+            dataset.indices,
+            dataset.offsets,
             shuffle=shuffle,
-            num_workers=workers,
-            pin_memory=self.hparams.pin_memory,
-            persistent_workers=workers > 0,
-            drop_last=False,
+            seed=hp.shuffle_seed,
+            num_replicas=world,
+            rank=rank,
+            buffer_size=hp.shuffle_buffer,
+            drop_last=shuffle,  # training drops the remainder; evaluation pads so every segment counts
+        )
+        return DataLoader(
+            dataset,
+            batch_size=hp.batch_size,
+            sampler=sampler,
+            num_workers=hp.num_workers,
+            pin_memory=hp.pin_memory,
+            persistent_workers=hp.num_workers > 0,
+            collate_fn=collate,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -1,45 +1,78 @@
-"""ShardDataset: map-style access to segments across many shards, with one lazily opened file per worker."""
+"""ShardDataset: map-style access to segments across many shards; files open lazily, once per worker process.
+
+Signals are read through a memory map of each shard's contiguous ``/signal`` (no HDF5 call per segment), and a
+batch of indices is read shard by shard in one step (``__getitems__``), then returned already collated.
+"""
 
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
-from ecgfm.data.shards import Manifest, ShardError, open_shard
+from ecgfm.data.index import SegmentIndex, check_positions
+from ecgfm.data.shards import ShardError, open_shard, signal_memmap
+
+
+class _OpenShard:
+    """One shard's memory-mapped signal and its small per-segment arrays, loaded once per worker."""
+
+    def __init__(self, path: Path, targets: list[str]):
+        try:
+            with open_shard(path) as f:
+                self.signal = signal_memmap(f)
+                if self.signal is None:  # chunked (older writer) or compressed: read through h5py
+                    self.signal = f["signal"][:]
+                self.lead_mask = f["lead_mask"][:]
+                self.record_id = f["record_id"].asstr()[:]
+                self.patient_id = f["patient_id"].asstr()[:]
+                self.targets = {name: f[f"targets/{name}"][:] for name in targets}
+        except (OSError, KeyError) as err:
+            raise ShardError(f"cannot read shard {path}: {err}") from err
+
+
+def collate(batch: Any) -> Any:
+    """Default collation, except for batches ``__getitems__`` already assembled."""
+    if isinstance(batch, dict):
+        return batch
+    return default_collate(batch)
 
 
 class ShardDataset(Dataset):
-    """Segments ``indices`` (global positions over all shards, in manifest order) of a shard folder.
-
-    The index is two integer arrays (shard offsets and the selected positions), so its size does not grow with
-    Python objects per segment. Files open on first use in each worker process and stay open.
+    """Segments ``indices`` (sorted global positions over all shards, in manifest order) of a shard folder.
 
     Args:
         root: the folder holding manifest.json and the shards.
         indices: global segment positions to serve (default: all).
         targets: target names to load (default: every target in the manifest).
+        max_open_shards: shards kept open per worker (least recently used ones are closed).
     """
 
-    def __init__(self, root: str | Path, indices: np.ndarray | None = None, targets: list[str] | None = None):
+    def __init__(
+        self,
+        root: str | Path,
+        indices: np.ndarray | None = None,
+        targets: list[str] | None = None,
+        max_open_shards: int = 64,
+    ):
         self.root = Path(root)
-        self.manifest = Manifest.load(self.root)
-        counts = np.array([int(s["n_segments"]) for s in self.manifest.shards], dtype=np.int64)
-        self.offsets = np.concatenate([[0], np.cumsum(counts)])
-        total = int(self.offsets[-1])
-        self.indices = np.arange(total, dtype=np.int64) if indices is None else np.asarray(indices, np.int64)
-        if len(self.indices) and (self.indices.min() < 0 or self.indices.max() >= total):
-            raise IndexError(f"segment indices out of range 0..{total - 1} for {self.root}")
+        self.index = SegmentIndex(self.root)
+        self.manifest = self.index.manifest
+        self.offsets = self.index.offsets
+        n = self.index.n_segments
+        self.indices = np.arange(n, dtype=np.int64) if indices is None else np.asarray(indices, np.int64)
+        check_positions(self.index, self.indices)
         unknown = [t for t in (targets or []) if t not in self.manifest.targets]
         if unknown:
             raise KeyError(f"targets {unknown} are not in {self.root / 'manifest.json'}: {list(self.manifest.targets)}")
         self.targets = list(self.manifest.targets) if targets is None else list(targets)
-        self._files: dict[int, h5py.File] = {}
+        self.max_open_shards = max_open_shards
+        self._open: OrderedDict[int, _OpenShard] = OrderedDict()
         self._pid = os.getpid()
 
     def __len__(self) -> int:
@@ -47,52 +80,83 @@ class ShardDataset(Dataset):
 
     def locate(self, position: int) -> tuple[int, int]:
         """Global segment position -> (shard number, row in that shard)."""
-        shard = int(np.searchsorted(self.offsets, position, side="right") - 1)
-        return shard, int(position - self.offsets[shard])
+        shard, row = self.index.locate(np.array([position]))
+        return int(shard[0]), int(row[0])
 
-    def _file(self, shard: int) -> h5py.File:
-        if self._pid != os.getpid():  # forked into a worker: never share HDF5 handles across processes
-            self._files, self._pid = {}, os.getpid()
-        if shard not in self._files:
-            self._files[shard] = open_shard(self.root / self.manifest.shards[shard]["path"])
-        return self._files[shard]
+    def _shard(self, number: int) -> _OpenShard:
+        if self._pid != os.getpid():  # forked into a worker: never share handles across processes
+            self._open, self._pid = OrderedDict(), os.getpid()
+        if number in self._open:
+            self._open.move_to_end(number)
+        else:
+            self._open[number] = _OpenShard(self.root / self.manifest.shards[number]["path"], self.targets)
+            if len(self._open) > self.max_open_shards:
+                self._open.popitem(last=False)
+        return self._open[number]
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        shard, row = self.locate(int(self.indices[i]))
-        f = self._file(shard)
-        try:
-            signal = f["signal"][row]
-            targets = {name: f[f"targets/{name}"][row] for name in self.targets}
-            item = {
-                "signal": torch.from_numpy(signal),  # int16 µV; converted to float mV on the device
-                "lead_mask": torch.from_numpy(f["lead_mask"][row]),
-                "targets": {k: torch.from_numpy(np.nan_to_num(v, nan=0.0)) for k, v in targets.items()},
-                "target_masks": {k: torch.from_numpy(~np.isnan(v)) for k, v in targets.items()},
-                "record_id": f["record_id"][row].decode(),
-                "patient_id": f["patient_id"][row].decode(),
-            }
-        except (OSError, KeyError) as err:
-            raise ShardError(f"cannot read row {row} of {f.filename}: {err}") from err
-        return item
+        batch = self.__getitems__([i])
+        return {
+            key: ({k: v[0] for k, v in value.items()} if isinstance(value, dict) else value[0])
+            for key, value in batch.items()
+        }
+
+    def __getitems__(self, idxs: list[int]) -> dict[str, Any]:
+        """Read a whole batch shard by shard; returns the collated batch dict (int16 signal, masks, ids)."""
+        shards, rows = self.index.locate(self.indices[np.asarray(idxs, dtype=np.int64)])
+        n = len(rows)
+        first = self._shard(int(shards[0]))
+        signal = np.empty((n, *first.signal.shape[1:]), dtype=np.int16)
+        lead_mask = np.empty((n, first.lead_mask.shape[1]), dtype=bool)
+        targets = {name: np.empty((n, first.targets[name].shape[1]), np.float32) for name in self.targets}
+        record_ids: list[str] = [""] * n
+        patient_ids: list[str] = [""] * n
+        for number in np.unique(shards):
+            where = np.flatnonzero(shards == number)
+            shard = self._shard(int(number))
+            r = rows[where]
+            try:
+                signal[where] = shard.signal[r]
+            except (OSError, ValueError) as err:
+                raise ShardError(f"cannot read rows of {self.manifest.shards[number]['path']}: {err}") from err
+            lead_mask[where] = shard.lead_mask[r]
+            for name in self.targets:
+                targets[name][where] = shard.targets[name][r]
+            for j, row in zip(where.tolist(), r.tolist(), strict=True):
+                record_ids[j] = shard.record_id[row]
+                patient_ids[j] = shard.patient_id[row]
+        return {
+            "signal": torch.from_numpy(signal),  # int16 µV; converted to float mV on the device
+            "lead_mask": torch.from_numpy(lead_mask),
+            "targets": {k: torch.from_numpy(np.nan_to_num(v, nan=0.0)) for k, v in targets.items()},
+            "target_masks": {k: torch.from_numpy(~np.isnan(v)) for k, v in targets.items()},
+            "record_id": record_ids,
+            "patient_id": patient_ids,
+        }
 
     def patient_ids(self) -> np.ndarray:
-        """Patient id of every segment in manifest order (for splitting)."""
-        ids = []
-        for shard in range(len(self.manifest.shards)):
-            ids.append(self._file(shard)["patient_id"].asstr()[:])
-        return np.concatenate(ids) if ids else np.array([], dtype=object)
+        """Patient id of every served segment (strings: for inspection and tests, not for splitting)."""
+        shards, rows = self.index.locate(self.indices)
+        out = np.empty(len(rows), dtype=object)
+        for number in np.unique(shards):
+            where = np.flatnonzero(shards == number)
+            out[where] = self._shard(int(number)).patient_id[rows[where]]
+        return out
 
     def target_array(self, name: str) -> np.ndarray:
         """All values of one target over the served segments (NaN = missing), for counts and label selection."""
-        parts = [self._file(s)[f"targets/{name}"][:] for s in range(len(self.manifest.shards))]
-        return np.concatenate(parts)[self.indices]
+        shards, rows = self.index.locate(self.indices)
+        out = np.empty((len(rows), len(self.manifest.targets[name].names)), np.float32)
+        for number in np.unique(shards):
+            where = np.flatnonzero(shards == number)
+            with open_shard(self.root / self.manifest.shards[number]["path"]) as f:
+                out[where] = f[f"targets/{name}"][:][rows[where]]
+        return out
 
     def close(self) -> None:
-        for f in self._files.values():
-            f.close()
-        self._files = {}
+        self._open = OrderedDict()
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_files"] = {}  # open HDF5 handles never cross a process boundary
+        state["_open"] = OrderedDict()  # open files and memory maps never cross a process boundary
         return state
