@@ -168,3 +168,46 @@ def test_parallel_workers_give_the_same_shards(shared_data, tmp_path):
     _, b = read_all(tmp_path / "b")
     np.testing.assert_array_equal(a["signal"], b["signal"])
     assert list(a["record_id"]) == list(b["record_id"])
+
+
+def test_killed_conversion_resumes_to_the_same_manifest(shared_data, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    source = shared_data / "ludb"
+    args = ["--records_per_shard", "2", "--progress", "false"]
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ecgfm.cli", "shard", "--source", str(source), "--out", str(killed), *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 120
+    while len(list(killed.glob("shard-*.json"))) < 5 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "manifest.json").exists(), "the conversion finished before it could be killed"
+    finished = len(list(killed.glob("shard-*.json")))
+    assert not [p for p in killed.glob("shard-*.h5") if not p.with_suffix(".json").exists()][1:]  # <= 1 in flight
+
+    resumed = convert(source, killed, records_per_shard=2, progress=False)
+    assert resumed.shards_reused >= finished >= 5
+    fresh = convert(source, tmp_path / "fresh", records_per_shard=2, progress=False)
+    assert fresh.shards_reused == 0
+    assert json.loads((killed / "manifest.json").read_text()) == json.loads(
+        (tmp_path / "fresh" / "manifest.json").read_text()
+    )
+    np.testing.assert_array_equal(
+        np.load(killed / "patient_keys.npy"), np.load(tmp_path / "fresh" / "patient_keys.npy")
+    )
+    assert not list(killed.glob("*.tmp"))  # no half-written file is left behind
+    assert (
+        (resumed.records_read, resumed.segments_written) == (fresh.records_read, fresh.segments_written) == (200, 200)
+    )
+    _, a = read_all(killed)
+    _, b = read_all(tmp_path / "fresh")
+    np.testing.assert_array_equal(a["signal"], b["signal"])
