@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,6 +95,10 @@ def record_base(path: Path) -> Path:
     """The record path without a ``.hea`` suffix, so users may pass either form."""
     path = Path(path)
     return path.with_suffix("") if path.suffix == ".hea" else path
+
+
+#: A WFDB gain field: "1000.0(0)/mV", "1000/mv", "200(-5)", "500" -> gain, optional baseline, optional unit.
+GAIN_FIELD = re.compile(r"^([-+]?[0-9.]+(?:[eE][-+]?\d+)?)(?:\((-?\d+)\))?(?:/(\S+))?$")
 
 
 def header_path(record: Path) -> Path:

@@ -17,6 +17,7 @@ import scipy.io
 
 from ecgfm.data.shards import TargetSpec
 from ecgfm.data.sources.base import (
+    GAIN_FIELD,
     Record,
     RecordError,
     SourceReader,
@@ -33,8 +34,6 @@ from ecgfm.data.sources.base import (
 # Challenge .mat files hold int16 samples, so WFDB's format-16 "no sample" code applies.
 _INVALID_INT16 = -(2**15)
 
-# "1000.0(0)/mV", "1000/mv", "200(-5)", "500": gain, optional baseline, optional unit.
-_GAIN = re.compile(r"^([-+]?[0-9.]+(?:[eE][-+]?\d+)?)(?:\((-?\d+)\))?(?:/(\S+))?$")
 
 
 @dataclass
@@ -57,7 +56,7 @@ def _parse_signal_line(line: str, index: int, hea: Path) -> _Signal:
     tokens = line.split()
     if len(tokens) < 9:
         raise RecordError(f"{hea}: signal line {index + 1} has {len(tokens)} fields, needs 9 with the lead name")
-    match = _GAIN.match(tokens[2])
+    match = GAIN_FIELD.match(tokens[2])
     if match is None:
         raise RecordError(f"{hea}: signal line {index + 1} has an unreadable gain field {tokens[2]!r}")
     adc_zero = _number(tokens[4], int, f"signal {index + 1} ADC zero", hea)

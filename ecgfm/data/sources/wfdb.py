@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
 import wfdb
 
 from ecgfm.data.sources.base import (
+    GAIN_FIELD,
     Record,
     RecordError,
     SourceReader,
@@ -70,6 +72,61 @@ def _check_data_files(header: wfdb.Record, record: Path) -> None:
             )
 
 
+def _read_plain_format16(record: Path, hea: Path) -> Record | None:
+    """The common case (one format-16 file, no skew/offset, sizes that agree) read with numpy: ~10x faster
+    than wfdb's header parser plus rdrecord. Anything else returns None and takes the general path."""
+    try:
+        text = hea.read_text(errors="replace")
+    except OSError:
+        return None
+    lines = [line.strip() for line in text.splitlines()]
+    spec = [line for line in lines if line and not line.startswith("#")]
+    comments = [line.lstrip("#").strip() for line in lines if line.startswith("#")]
+    if not spec:
+        return None
+    head = spec[0].split()
+    if len(head) < 4 or "/" in head[0]:
+        return None
+    try:
+        n_sig, fs, sig_len = int(head[1]), float(re.split(r"[/(]", head[2])[0]), int(head[3])
+    except ValueError:
+        return None
+    signals = [line.split() for line in spec[1:]]
+    if n_sig <= 0 or sig_len <= 0 or fs <= 0 or len(signals) != n_sig or any(len(t) < 9 for t in signals):
+        return None
+    if {t[0] for t in signals} != {signals[0][0]} or any(t[1] != "16" for t in signals):
+        return None
+    gains, baselines, units = [], [], []
+    for tokens in signals:
+        match = GAIN_FIELD.match(tokens[2])
+        if match is None or float(match.group(1)) == 0:
+            return None
+        gains.append(float(match.group(1)))
+        baselines.append(int(match.group(2)) if match.group(2) is not None else int(tokens[4]))
+        units.append(match.group(3))
+    data = record.parent / signals[0][0]
+    if not data.is_file() or data.stat().st_size != sig_len * n_sig * 2:
+        return None  # the general path reports missing, truncated or over-long files precisely
+    digital = np.fromfile(data, dtype="<i2").reshape(sig_len, n_sig).T
+    signal = digital_to_mv(digital, gains, baselines, units, [INVALID_SAMPLE["16"]] * n_sig, hea)
+    fields = parse_comment_fields(comments)
+    return Record(
+        record_id=record.name,
+        patient_id=record.name,
+        signal=signal,
+        fs=fs,
+        lead_names=map_lead_names([" ".join(t[8:]) for t in signals], hea),
+        path=record,
+        metadata={
+            "age": parse_age(fields.get("age")),
+            "sex": parse_sex(fields.get("sex")),
+            "comments": comments,
+            "units": units,
+            "source": "wfdb",
+        },
+    )
+
+
 @register_source("wfdb")
 class WfdbReader(SourceReader):
     """Any single-segment WFDB record; gains, baselines and units come from its header, per lead."""
@@ -80,6 +137,9 @@ class WfdbReader(SourceReader):
         hea = header_path(record)
         if not hea.is_file():
             raise RecordError(f"{hea}: header file not found")
+        fast = _read_plain_format16(record, hea)
+        if fast is not None:
+            return fast
         try:
             header = wfdb.rdheader(str(record))
         except Exception as exc:  # wfdb raises many types for a malformed header
