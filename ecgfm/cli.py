@@ -20,6 +20,8 @@ commands:
   fit | validate | test | predict   train or evaluate from a YAML recipe: ecgfm fit --config recipes/...yaml
   shard                             convert a folder of records (+ label table) into HDF5 shards
   shard verify DIR                  check every shard of DIR against its manifest
+  synth                             write synthetic 12-lead shards with known potassium and lab values
+  bench data                        loader, conversion and index benchmarks against same-run baselines
   quickstart                        convert the bundled LUDB recordings, fine-tune, and evaluate
   list-backbones                    the registered backbone names
 
@@ -73,6 +75,32 @@ def run_shard(argv: list[str]) -> int:
     return 0
 
 
+def run_bench(argv: list[str]) -> int:
+    from ecgfm.bench.data import run_data_benchmark
+
+    if argv[:1] != ["data"]:
+        print("usage: ecgfm bench data [--segments N] [--wfdb_records N] [--index_segments N] ...", file=sys.stderr)
+        return 2
+    parser = ArgumentParser(prog="ecgfm bench data", description=run_data_benchmark.__doc__)
+    parser.add_function_arguments(run_data_benchmark, skip={"console"})
+    cfg = parser.parse_args(argv[1:]).as_dict()
+    cfg["workers"] = tuple(cfg["workers"])
+    run_data_benchmark(**{k: v for k, v in cfg.items() if k != "__path__"})
+    return 0
+
+
+def run_synth(argv: list[str]) -> int:
+    from ecgfm.data.synthetic import write_synthetic_shards
+
+    parser = ArgumentParser(prog="ecgfm synth", description=write_synthetic_shards.__doc__)
+    parser.add_argument("--config", action=ActionConfigFile)
+    parser.add_function_arguments(write_synthetic_shards)
+    cfg = {k: v for k, v in parser.parse_args(argv).as_dict().items() if k not in ("config", "__path__")}
+    manifest = write_synthetic_shards(**cfg)
+    print(f"wrote {manifest.n_segments} synthetic segments in {len(manifest.shards)} shards to {cfg['out']}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; a bad input ends with one line naming what is wrong (ECGFM_DEBUG=1 shows the traceback)."""
     from ecgfm.backbones.checkpoint import CheckpointError
@@ -99,6 +127,10 @@ def _dispatch(argv: list[str]) -> int:
         return 0
     if command == "shard":
         return run_shard(rest)
+    if command == "bench":
+        return run_bench(rest)
+    if command == "synth":
+        return run_synth(rest)
     if command == "quickstart":
         from ecgfm.quickstart import run_quickstart_cli
 

@@ -1,7 +1,8 @@
 """ShardDataset: map-style access to segments across many shards; files open lazily, once per worker process.
 
-Signals are read through a memory map of each shard's contiguous ``/signal`` (no HDF5 call per segment), and a
-batch of indices is read shard by shard in one step (``__getitems__``), then returned already collated.
+Signals are read with one ``pread`` per segment from each shard's contiguous ``/signal`` (no HDF5 call per segment),
+a batch of indices is read shard by shard in one step (``__getitems__``) and returned already collated; in a worker
+the batch is built in shared memory, so handing it to the training process copies nothing.
 """
 
 from __future__ import annotations
@@ -13,27 +14,51 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import Dataset, default_collate, get_worker_info
 
 from ecgfm.data.index import SegmentIndex, check_positions
-from ecgfm.data.shards import ShardError, open_shard, signal_memmap
+from ecgfm.data.shards import ShardError, open_shard
 
 
 class _OpenShard:
-    """One shard's memory-mapped signal and its small per-segment arrays, loaded once per worker."""
+    """One shard opened in one process: a file descriptor on its contiguous ``/signal`` and its small arrays."""
 
     def __init__(self, path: Path, targets: list[str]):
+        self.path = path
+        self.fd: int | None = None
+        self.loaded: np.ndarray | None = None
         try:
             with open_shard(path) as f:
-                self.signal = signal_memmap(f)
-                if self.signal is None:  # chunked (older writer) or compressed: read through h5py
-                    self.signal = f["signal"][:]
+                dset = f["signal"]
+                self.shape = dset.shape
+                self.row_bytes = int(np.prod(dset.shape[1:])) * 2
+                offset = dset.id.get_offset() if dset.chunks is None and dset.compression is None else None
+                if offset is None or dset.shape[0] == 0:  # chunked (older writer) or compressed: via h5py
+                    self.loaded = dset[:]
+                else:
+                    self.offset = offset
                 self.lead_mask = f["lead_mask"][:]
                 self.record_id = f["record_id"].asstr()[:]
                 self.patient_id = f["patient_id"].asstr()[:]
                 self.targets = {name: f[f"targets/{name}"][:] for name in targets}
         except (OSError, KeyError) as err:
             raise ShardError(f"cannot read shard {path}: {err}") from err
+        if self.loaded is None:
+            self.fd = os.open(path, os.O_RDONLY)
+
+    def read_rows(self, rows: np.ndarray, out: np.ndarray, where: np.ndarray) -> None:
+        """Copy signal rows into ``out[where]`` with one pread each: one copy from the page cache, no mapping."""
+        if self.loaded is not None:
+            out[where] = self.loaded[rows]
+            return
+        for j, row in zip(where.tolist(), rows.tolist(), strict=True):
+            n = os.preadv(self.fd, [out[j]], self.offset + row * self.row_bytes)
+            if n != self.row_bytes:
+                raise ShardError(f"{self.path}: row {row} is truncated ({n} of {self.row_bytes} bytes)")
+
+    def __del__(self) -> None:
+        if getattr(self, "fd", None) is not None:
+            os.close(self.fd)
 
 
 def collate(batch: Any) -> Any:
@@ -106,7 +131,10 @@ class ShardDataset(Dataset):
         shards, rows = self.index.locate(self.indices[np.asarray(idxs, dtype=np.int64)])
         n = len(rows)
         first = self._shard(int(shards[0]))
-        signal = np.empty((n, *first.signal.shape[1:]), dtype=np.int16)
+        signal_tensor = torch.empty((n, *first.shape[1:]), dtype=torch.int16)
+        if get_worker_info() is not None:
+            signal_tensor.share_memory_()  # filled in place, then handed to the main process without a copy
+        signal = signal_tensor.numpy()
         lead_mask = np.empty((n, first.lead_mask.shape[1]), dtype=bool)
         targets = {name: np.empty((n, first.targets[name].shape[1]), np.float32) for name in self.targets}
         record_ids: list[str] = [""] * n
@@ -116,9 +144,9 @@ class ShardDataset(Dataset):
             shard = self._shard(int(number))
             r = rows[where]
             try:
-                signal[where] = shard.signal[r]
-            except (OSError, ValueError) as err:
-                raise ShardError(f"cannot read rows of {self.manifest.shards[number]['path']}: {err}") from err
+                shard.read_rows(r, signal, where)
+            except OSError as err:
+                raise ShardError(f"cannot read rows of {shard.path}: {err}") from err
             lead_mask[where] = shard.lead_mask[r]
             for name in self.targets:
                 targets[name][where] = shard.targets[name][r]
@@ -126,7 +154,7 @@ class ShardDataset(Dataset):
                 record_ids[j] = shard.record_id[row]
                 patient_ids[j] = shard.patient_id[row]
         return {
-            "signal": torch.from_numpy(signal),  # int16 µV; converted to float mV on the device
+            "signal": signal_tensor,  # int16 µV; converted to float mV on the device
             "lead_mask": torch.from_numpy(lead_mask),
             "targets": {k: torch.from_numpy(np.nan_to_num(v, nan=0.0)) for k, v in targets.items()},
             "target_masks": {k: torch.from_numpy(~np.isnan(v)) for k, v in targets.items()},

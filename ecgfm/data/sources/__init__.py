@@ -1,6 +1,7 @@
-"""Readers that turn on-disk ECG records (WFDB, Challenge .mat) into millivolt arrays with named leads."""
+"""Readers that turn on-disk ECG records (WFDB, Challenge .mat, PTB-XL, array exports) into millivolt arrays."""
 
-from ecgfm.data.sources import challenge, wfdb  # noqa: F401  (importing registers the readers)
+from ecgfm.data.sources import arrays, challenge, ptbxl, wfdb  # noqa: F401  (importing registers the readers)
+from ecgfm.data.sources.arrays import ArrayReader
 from ecgfm.data.sources.base import (
     SOURCES,
     Record,
@@ -10,11 +11,14 @@ from ecgfm.data.sources.base import (
     register_source,
 )
 from ecgfm.data.sources.challenge import ChallengeReader, dx_names, load_dx_mapping
+from ecgfm.data.sources.ptbxl import PtbxlReader, ptbxl_split_file
 from ecgfm.data.sources.wfdb import WfdbReader
 
 __all__ = [
     "SOURCES",
+    "ArrayReader",
     "ChallengeReader",
+    "PtbxlReader",
     "Record",
     "RecordError",
     "SourceReader",
@@ -22,5 +26,6 @@ __all__ = [
     "dx_names",
     "get_source",
     "load_dx_mapping",
+    "ptbxl_split_file",
     "register_source",
 ]

@@ -35,7 +35,6 @@ from ecgfm.data.sources.base import (
 _INVALID_INT16 = -(2**15)
 
 
-
 @dataclass
 class _Signal:
     file: str
