@@ -211,3 +211,61 @@ def test_killed_conversion_resumes_to_the_same_manifest(shared_data, tmp_path):
     _, a = read_all(killed)
     _, b = read_all(tmp_path / "fresh")
     np.testing.assert_array_equal(a["signal"], b["signal"])
+
+
+def test_each_bad_input_is_named_and_the_rest_converts(shared_data, tmp_path):
+    """A NaN-filled record, a header that lies about its length, a record shorter than 10 s and a record with
+    unknown lead names are each reported by file name; a truncated shard is reported by verify and the reader."""
+    import wfdb
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in (1, 2):
+        for ext in ("hea", "dat"):
+            shutil.copy(shared_data / "ludb" / "data" / f"{i}.{ext}", src / f"{i}.{ext}")
+    good = get_source("wfdb").read(shared_data / "ludb" / "data" / "1")
+    digital = np.rint(good.signal.T * 1000).astype(np.int16)
+    names = [n.lower() for n in good.lead_names]
+
+    def write(name, d_signal, sig_name=names):
+        wfdb.wrsamp(
+            name,
+            fs=500,
+            units=["mV"] * d_signal.shape[1],
+            sig_name=list(sig_name),
+            d_signal=d_signal,
+            fmt=["16"] * d_signal.shape[1],
+            adc_gain=[1000.0] * d_signal.shape[1],
+            baseline=[0] * d_signal.shape[1],
+            write_dir=str(src),
+        )
+
+    write("nanrec", np.full_like(digital, -32768))  # every sample is WFDB's "no sample" code
+    write("short", digital[:3000])  # 6 s
+    write("oddleads", digital[:, :3], sig_name=["x1", "x2", "x3"])
+    write("liar", digital)
+    hea = (src / "liar.hea").read_text().splitlines()
+    hea[0] = hea[0].replace("5000", "6000")  # the header claims more samples than the file holds
+    (src / "liar.hea").write_text("\n".join(hea) + "\n")
+
+    summary = convert(src, tmp_path / "out", progress=False)
+    reasons = dict(summary.skipped)
+    assert summary.records_read == 2 and set(reasons) == {str(src / n) for n in ("nanrec", "short", "oddleads", "liar")}
+    assert "every lead is NaN or flat" in reasons[str(src / "nanrec")] and "nanrec" in reasons[str(src / "nanrec")]
+    assert "shorter than 10 s (6.00 s" in reasons[str(src / "short")]
+    assert "no standard lead among ['x1', 'x2', 'x3']" in reasons[str(src / "oddleads")]
+    assert "liar.dat" in reasons[str(src / "liar")] and "truncated" in reasons[str(src / "liar")]
+
+    padded = convert(src, tmp_path / "padded", last_piece="pad", progress=False)  # the short record is kept
+    assert str(src / "short") not in dict(padded.skipped)
+    assert (str(src / "short"), "last piece padded: 3000 real samples of 5000") in padded.warnings
+
+    shard = tmp_path / "out" / Manifest.load(tmp_path / "out").shards[0]["path"]
+    shard.write_bytes(shard.read_bytes()[:-100_000])
+    assert any(str(shard) in line for line in verify_shards(tmp_path / "out"))
+    from ecgfm.data.dataset import ShardDataset
+    from ecgfm.data.shards import ShardError
+
+    with pytest.raises(ShardError, match="shard-00000.h5"):
+        dataset = ShardDataset(tmp_path / "out")
+        dataset.__getitems__(list(range(len(dataset))))
