@@ -153,7 +153,7 @@ def run_data_benchmark(
     """Run every measurement, print a table with ratios, return (and optionally save) the numbers."""
     from ecgfm.data.convert import convert
 
-    console = console or Console()
+    console = console or Console(width=max(Console().width, 150))  # the table must not wrap in logs
     tmp = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="ecgfm-bench-"))
     tmp.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"segments": segments, "cpus": os.cpu_count()}
