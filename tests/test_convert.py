@@ -269,3 +269,36 @@ def test_each_bad_input_is_named_and_the_rest_converts(shared_data, tmp_path):
     with pytest.raises(ShardError, match="shard-00000.h5"):
         dataset = ShardDataset(tmp_path / "out")
         dataset.__getitems__(list(range(len(dataset))))
+
+
+def test_parquet_table_with_lab_draw_times(shared_data, tmp_path):
+    import pandas as pd
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in (1, 2, 3):
+        for ext in ("hea", "dat"):
+            shutil.copy(shared_data / "ludb" / "data" / f"{i}.{ext}", src / f"{i}.{ext}")
+    table = pd.DataFrame(
+        {"record": ["1", "2", "3"], "patient": ["a", "b", "c"], "k": [4.2, 6.1, 3.1], "hours": [0.5, -3.0, None]}
+    )
+    table.to_parquet(tmp_path / "labs.parquet")
+    convert(
+        src,
+        tmp_path / "out",
+        labels=tmp_path / "labs.parquet",
+        patient_column="patient",
+        regression={"potassium": ["k"]},
+        units={"potassium": "mmol/L"},
+        time_column="hours",
+        max_hours=1.0,
+        progress=False,
+    )
+    manifest = Manifest.load(tmp_path / "out")
+    assert manifest.targets["lab_time"].units == "h"
+    with h5py.File(tmp_path / "out" / manifest.shards[0]["path"]) as f:
+        k = f["targets/potassium"][:, 0]
+        hours = f["targets/lab_time"][:, 0]
+    assert k[0] == pytest.approx(4.2)  # drawn 0.5 h after the ECG: kept
+    assert np.isnan(k[1]) and np.isnan(k[2])  # 3 h before, or at an unknown time: masked, the ECG is kept
+    assert hours[0] == pytest.approx(0.5) and hours[1] == pytest.approx(-3.0) and np.isnan(hours[2])

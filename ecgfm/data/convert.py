@@ -38,16 +38,19 @@ LABEL_SEPARATORS = (";", "\n", "|")
 
 @dataclass
 class LabelTable:
-    """Targets per record from a CSV: multi-label columns hold label names (``;`` or newline separated)."""
+    """Targets per record from a CSV or Parquet table: multi-label cells hold label names (``;`` or newline
+    separated), regression cells numbers; an optional column gives hours between the ECG and the lab draw."""
 
     rows: dict[str, dict[str, Any]]
     targets: dict[str, TargetSpec]
     patient_column: str | None
     multilabel: dict[str, list[str]]
     regression: dict[str, list[str]]
+    time_column: str | None = None
+    max_hours: float | None = None
 
     @classmethod
-    def from_csv(
+    def from_file(
         cls,
         path: str | Path,
         record_column: str,
@@ -55,12 +58,18 @@ class LabelTable:
         multilabel: dict[str, list[str]],
         regression: dict[str, list[str]],
         units: dict[str, str],
+        time_column: str | None = None,
+        max_hours: float | None = None,
     ) -> LabelTable:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"label table {path} does not exist")
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
-        used = [record_column, *([patient_column] if patient_column else [])]
+        if path.suffix.lower() in (".parquet", ".pq"):
+            df = pd.read_parquet(path).astype(object)
+            df = df.where(df.notna(), "").astype(str)
+        else:
+            df = pd.read_csv(path, dtype=str, keep_default_na=False)
+        used = [record_column, *([patient_column] if patient_column else []), *([time_column] if time_column else [])]
         used += [c for cols in (*multilabel.values(), *regression.values()) for c in cols]
         absent = [c for c in used if c not in df.columns]
         if absent:
@@ -77,7 +86,9 @@ class LabelTable:
             targets[name] = TargetSpec("multilabel", vocab)
         for name, columns in regression.items():
             targets[name] = TargetSpec("regression", list(columns), units.get(name, ""))
-        return cls(rows, targets, patient_column, multilabel, regression)
+        if time_column:
+            targets["lab_time"] = TargetSpec("regression", [time_column], "h")
+        return cls(rows, targets, patient_column, multilabel, regression, time_column, max_hours)
 
     def lookup(self, record: Record, root: Path) -> tuple[str | None, dict[str, Any] | None]:
         """(key, row) of a record, matched by record id or by its path relative to the source folder."""
@@ -92,8 +103,13 @@ class LabelTable:
         for name, columns in self.multilabel.items():
             present = set(_split_labels(row, columns))
             out[name] = np.array([1.0 if lab in present else 0.0 for lab in self.targets[name].names], np.float32)
+        hours = _to_float(row[self.time_column]) if self.time_column else float("nan")
+        too_far = self.max_hours is not None and not abs(hours) <= self.max_hours  # unknown time counts as too far
         for name, columns in self.regression.items():
-            out[name] = np.array([_to_float(row[c]) for c in columns], np.float32)
+            values = np.array([_to_float(row[c]) for c in columns], np.float32)
+            out[name] = np.full_like(values, np.nan) if too_far else values  # masked, never dropped
+        if self.time_column:
+            out["lab_time"] = np.array([hours], np.float32)
         return out
 
 
@@ -323,6 +339,8 @@ def convert(
     multilabel: dict[str, list[str]] | None = None,
     regression: dict[str, list[str]] | None = None,
     units: dict[str, str] | None = None,
+    time_column: str | None = None,
+    max_hours: float | None = None,
     dx_mapping: list[str | Path] | None = None,
     reader_options: dict[str, Any] | None = None,
     records_per_shard: int = 1024,
@@ -338,12 +356,17 @@ def convert(
         out: output folder for ``shard-NNNNN.h5`` (+ a ``.json`` sidecar each), ``manifest.json``,
             ``patient_keys.npy``, ``skipped.csv`` and ``warnings.csv``.
         reader: source format (``ecgfm.data.sources.SOURCES``: wfdb, challenge, ...).
-        labels: CSV with one row per record; without it, the reader's own labels (e.g. Challenge ``# Dx:``).
+        labels: CSV or Parquet table with one row per record; without it, the reader's own labels
+            (e.g. Challenge ``# Dx:``).
         record_column: the table column naming the record (its id, or its path relative to ``source``).
         patient_column: the table column with the patient id (patient-level splits); default: the reader's.
         multilabel: target name -> table columns whose cells hold label names.
         regression: target name -> numeric table columns.
         units: target name -> unit of a regression target.
+        time_column: table column with the hours between the ECG and the lab draw (negative: lab first); stored
+            as the target ``lab_time`` so the pairing window can be chosen later.
+        max_hours: regression values of a row whose lab was drawn further than this from the ECG (or at an
+            unknown time) are stored as missing (NaN), not dropped.
         dx_mapping: Challenge mapping CSVs (SNOMED-CT code -> abbreviation) to name ``dx`` labels; default:
             the Challenge 2021 tables that ship with ecgfm.
         reader_options: further keyword arguments of the reader (see ``ecgfm.data.sources``).
@@ -371,8 +394,15 @@ def convert(
 
     table = None
     if labels is not None:
-        table = LabelTable.from_csv(
-            labels, record_column, patient_column, multilabel or {}, regression or {}, units or {}
+        table = LabelTable.from_file(
+            labels,
+            record_column,
+            patient_column,
+            multilabel or {},
+            regression or {},
+            units or {},
+            time_column,
+            max_hours,
         )
         targets = table.targets
     else:
@@ -383,6 +413,7 @@ def convert(
             "reader": reader,
             "options": options,
             "labels": str(labels) if labels else None,
+            "time": [time_column, max_hours],
             "targets": {k: asdict(v) for k, v in targets.items()},
             "stride": stride,
             "last_piece": last_piece,
