@@ -11,7 +11,7 @@ from ecgfm.cli import main
 def test_bench_data_small(tmp_path, capsys):
     out = tmp_path / "bench.json"
     args = ["bench", "data", "--segments", "96", "--wfdb_records", "40", "--index_segments", "200000"]
-    args += ["--index_shards", "100", "--workers", "[0, 1]", "--epochs", "1", "--json_out", str(out)]
+    args += ["--index_shards", "100", "--workers", "[0, 1]", "--epochs", "1", "--repeats", "1", "--json_out", str(out)]
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "raw sequential read" in printed and "wfdb.rdsamp" in printed

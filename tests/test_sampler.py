@@ -127,3 +127,29 @@ def test_index_for_many_segments_is_integer_arrays(tmp_path):
     assert not np.intersect1d(patients["train"], patients["val"]).size
     assert not np.intersect1d(patients["val"], patients["test"]).size
     assert 0.08 < len(splits["test"]) / 2_000_000 < 0.12
+
+
+@pytest.mark.parametrize("persistent", [True, False])
+def test_shard_loader_ring_gives_the_right_rows_across_epochs(tiny_shards, persistent):
+    """Workers reuse preallocated shared-memory slots; every row still matches its ids, also after an epoch that
+    was abandoned midway (as limit_train_batches does)."""
+    from ecgfm.data.loader import ShardLoader
+
+    dataset = ShardDataset(tiny_shards)
+    sampler = ShardSampler(dataset.indices, dataset.offsets, buffer_size=64)
+    loader = ShardLoader(
+        dataset, batch_size=16, sampler=sampler, collate_fn=collate, num_workers=2, persistent_workers=persistent
+    )
+    for epoch, stop_after in ((0, 5), (1, None), (2, 3), (3, None)):
+        sampler.set_epoch(epoch)
+        seen = []
+        for i, batch in enumerate(loader):
+            ids = [int(r.removeprefix("seg")) for r in batch["record_id"]]
+            assert batch["signal"][:, 0, 0].tolist() == [k % 30000 for k in ids]
+            assert batch["signal"][:, 11, 7].tolist() == [k % 30000 for k in ids]
+            seen += ids
+            if stop_after is not None and i + 1 == stop_after:
+                break
+        if stop_after is None:
+            assert sorted(seen) == list(range(2000))
+    assert dataset.ring is not None and dataset.ring.shape[:3] == (2, 4, 16)

@@ -62,14 +62,13 @@ def _read_files(paths: list[Path]) -> int:
 
 def _loader_rate(root: Path, workers: int, batch_size: int, epochs: int) -> float:
     """Segments/s through ShardDataset + ShardSampler + DataLoader (shuffled, as in training)."""
-    from torch.utils.data import DataLoader
-
     from ecgfm.data.dataset import ShardDataset, collate
+    from ecgfm.data.loader import ShardLoader
     from ecgfm.data.sampler import ShardSampler
 
     dataset = ShardDataset(root)
     sampler = ShardSampler(dataset.indices, dataset.offsets, shuffle=True, buffer_size=1024)
-    loader = DataLoader(
+    loader = ShardLoader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,
@@ -146,11 +145,15 @@ def run_data_benchmark(
     workers: tuple[int, ...] = (0, 1, 2),
     batch_size: int = 256,
     epochs: int = 2,
+    repeats: int = 3,
     workdir: str | None = None,
     json_out: str | None = None,
     console: Console | None = None,
 ) -> dict[str, Any]:
-    """Run every measurement, print a table with ratios, return (and optionally save) the numbers."""
+    """Run every measurement, print a table with ratios, return (and optionally save) the numbers.
+
+    Raw reads and loader passes are interleaved ``repeats`` times and the medians reported.
+    """
     from ecgfm.data.convert import convert
 
     console = console or Console(width=max(Console().width, 150))  # the table must not wrap in logs
@@ -169,14 +172,17 @@ def run_data_benchmark(
 
         shard_files = sorted(shard_dir.glob("shard-*.h5"))
         _read_files(shard_files)  # hot page cache
-        start = time.perf_counter()
-        raw_bytes = _read_files(shard_files)
-        raw_s = time.perf_counter() - start
-        results["raw_read_segments_per_s"] = raw_bytes / SEGMENT_BYTES / raw_s
-
+        raw_rates: list[float] = []
+        loader_rates: dict[int, list[float]] = {w: [] for w in workers}
+        for _ in range(repeats):  # interleaved, so a noisy neighbour slows baseline and loader alike
+            start = time.perf_counter()
+            raw_bytes = _read_files(shard_files)
+            raw_rates.append(raw_bytes / SEGMENT_BYTES / (time.perf_counter() - start))
+            for w in workers:
+                loader_rates[w].append(_loader_rate(shard_dir, w, batch_size, epochs))
+        results["raw_read_segments_per_s"] = float(np.median(raw_rates))
         for w in workers:
-            rate = _loader_rate(shard_dir, w, batch_size, epochs)
-            results[f"loader_{w}_workers_segments_per_s"] = rate
+            results[f"loader_{w}_workers_segments_per_s"] = float(np.median(loader_rates[w]))
         results["wfdb_rdsamp_segments_per_s"] = _wfdb_rate(wfdb_dir, wfdb_records)
         results["index"] = _index_memory(tmp, index_segments, index_shards)
     finally:

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import lightning as L
 import numpy as np
-from torch.utils.data import DataLoader
 
 from ecgfm.data.dataset import ShardDataset, collate
 from ecgfm.data.index import SPLITS, SegmentIndex, patient_split
+from ecgfm.data.loader import ShardLoader
 from ecgfm.data.sampler import ShardSampler
 from ecgfm.data.shards import Manifest, TargetSpec
 
@@ -91,7 +91,7 @@ class ShardDataModule(L.LightningDataModule):
         for split, idx in self.split_indices().items():
             self.datasets[split] = ShardDataset(self.root, idx, targets=list(self.target_specs))
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+    def _loader(self, split: str, shuffle: bool) -> ShardLoader:
         hp = self.hparams
         dataset = self.datasets[split]
         trainer = self.trainer
@@ -106,7 +106,7 @@ class ShardDataModule(L.LightningDataModule):
             buffer_size=hp.shuffle_buffer,
             drop_last=shuffle,  # training drops the remainder; evaluation pads so every segment counts
         )
-        return DataLoader(
+        return ShardLoader(
             dataset,
             batch_size=hp.batch_size,
             sampler=sampler,
@@ -116,14 +116,14 @@ class ShardDataModule(L.LightningDataModule):
             collate_fn=collate,
         )
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> ShardLoader:
         return self._loader("train", shuffle=True)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> ShardLoader:
         return self._loader("val", shuffle=False)
 
-    def test_dataloader(self) -> DataLoader:
+    def test_dataloader(self) -> ShardLoader:
         return self._loader("test", shuffle=False)
 
-    def predict_dataloader(self) -> DataLoader:
+    def predict_dataloader(self) -> ShardLoader:
         return self._loader(self.hparams.predict_split, shuffle=False)

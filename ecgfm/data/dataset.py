@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import Dataset, default_collate, get_worker_info
 
 from ecgfm.data.index import SegmentIndex, check_positions
+from ecgfm.data.loader import SlotRef
 from ecgfm.data.shards import ShardError, open_shard
 
 
@@ -99,6 +100,12 @@ class ShardDataset(Dataset):
         self.max_open_shards = max_open_shards
         self._open: OrderedDict[int, _OpenShard] = OrderedDict()
         self._pid = os.getpid()
+        self.ring: torch.Tensor | None = None  # set by ShardLoader: [workers, slots, batch, leads, samples]
+        self._next_slot = 0
+
+    def signal_shape(self) -> tuple[int, int]:
+        """(leads, samples) of one segment."""
+        return len(self.manifest.lead_names), int(self.manifest.n_samples)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -131,10 +138,19 @@ class ShardDataset(Dataset):
         shards, rows = self.index.locate(self.indices[np.asarray(idxs, dtype=np.int64)])
         n = len(rows)
         first = self._shard(int(shards[0]))
-        signal_tensor = torch.empty((n, *first.shape[1:]), dtype=torch.int16)
-        if get_worker_info() is not None:
-            signal_tensor.share_memory_()  # filled in place, then handed to the main process without a copy
-        signal = signal_tensor.numpy()
+        worker = get_worker_info()
+        ring, signal_out = self.ring, None
+        if worker is not None and ring is not None and n <= ring.shape[2]:
+            slot = self._next_slot % ring.shape[1]  # see ShardLoader for why cycling through slots is safe
+            self._next_slot += 1
+            signal = ring[worker.id, slot, :n].numpy()
+            signal_out = SlotRef(worker.id, slot, n)
+        else:
+            signal_tensor = torch.empty((n, *first.shape[1:]), dtype=torch.int16)
+            if worker is not None:
+                signal_tensor.share_memory_()  # filled in place, then handed over without another copy
+            signal = signal_tensor.numpy()
+            signal_out = signal_tensor
         lead_mask = np.empty((n, first.lead_mask.shape[1]), dtype=bool)
         targets = {name: np.empty((n, first.targets[name].shape[1]), np.float32) for name in self.targets}
         record_ids: list[str] = [""] * n
@@ -153,11 +169,14 @@ class ShardDataset(Dataset):
             for j, row in zip(where.tolist(), r.tolist(), strict=True):
                 record_ids[j] = shard.record_id[row]
                 patient_ids[j] = shard.patient_id[row]
+        # In a ring worker the small arrays stay numpy: pickled inline they cost microseconds, while every tensor
+        # would cost a shared-memory allocation and a file-descriptor hand-over; ShardLoader makes them tensors.
+        wrap = (lambda a: a) if isinstance(signal_out, SlotRef) else torch.from_numpy
         return {
-            "signal": signal_tensor,  # int16 µV; converted to float mV on the device
-            "lead_mask": torch.from_numpy(lead_mask),
-            "targets": {k: torch.from_numpy(np.nan_to_num(v, nan=0.0)) for k, v in targets.items()},
-            "target_masks": {k: torch.from_numpy(~np.isnan(v)) for k, v in targets.items()},
+            "signal": signal_out,  # int16 µV (or where a worker left it); float mV only on the device
+            "lead_mask": wrap(lead_mask),
+            "targets": {k: wrap(np.nan_to_num(v, nan=0.0)) for k, v in targets.items()},
+            "target_masks": {k: wrap(~np.isnan(v)) for k, v in targets.items()},
             "record_id": record_ids,
             "patient_id": patient_ids,
         }
