@@ -96,10 +96,11 @@ class FineTuneTask(L.LightningModule):
                     raise KeyError(
                         f"head {head.name!r}: labels {unknown} are not in target {head.target!r} of the data"
                     )
-        self._label_columns = {
-            name: [specs[h.target].names.index(lab) for lab in h.labels] if h.target in specs else None
-            for name, h in self.heads.items()
-        }
+        self._label_columns = {}
+        for name, h in self.heads.items():  # resolved once here, so the training step only indexes
+            columns = [specs[h.target].names.index(lab) for lab in h.labels] if h.target in specs else None
+            identity = columns is not None and columns == list(range(len(specs[h.target].names)))
+            self._label_columns[name] = None if identity else columns
         self._build_metrics()
         restoring = self._trainer is not None and self.trainer.ckpt_path is not None
         if self.hparams.pretrained and not restoring and not self._pretrained_loaded:
@@ -114,9 +115,6 @@ class FineTuneTask(L.LightningModule):
                 self.metrics[f"{split}_{name}"] = head.metrics()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._build_metrics_if_heads_built()
-
-    def _build_metrics_if_heads_built(self) -> None:
         if all(h.is_built for h in self.heads.values()):
             self._build_metrics()
 
@@ -145,7 +143,7 @@ class FineTuneTask(L.LightningModule):
         head = self.heads[name]
         target, mask = batch["targets"][head.target], batch["target_masks"][head.target]
         columns = self._label_columns.get(name)
-        if columns is not None and columns != list(range(target.shape[1])):
+        if columns is not None:
             target, mask = target[:, columns], mask[:, columns]
         return target.float(), mask
 

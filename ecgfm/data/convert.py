@@ -20,7 +20,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ecgfm.data.shards import (
-    MANIFEST_NAME,
     Manifest,
     ShardWriter,
     TargetSpec,
@@ -525,4 +524,4 @@ def _progress(enabled: bool) -> Progress:
     )
 
 
-__all__ = ["ConversionSummary", "LabelTable", "MANIFEST_NAME", "convert", "cut_pieces", "prepare_record"]
+__all__ = ["ConversionSummary", "LabelTable", "convert", "cut_pieces", "prepare_record"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import cached_property
 from pathlib import Path
 
 import lightning as L
@@ -58,8 +59,9 @@ class ShardDataModule(L.LightningDataModule):
         self.root = Path(root)
         self.datasets: dict[str, ShardDataset] = {}
 
-    @property
+    @cached_property
     def manifest(self) -> Manifest:
+        """manifest.json, read once."""
         return Manifest.load(self.root)
 
     @property

@@ -110,11 +110,6 @@ class ShardDataset(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def locate(self, position: int) -> tuple[int, int]:
-        """Global segment position -> (shard number, row in that shard)."""
-        shard, row = self.index.locate(np.array([position]))
-        return int(shard[0]), int(row[0])
-
     def _shard(self, number: int) -> _OpenShard:
         if self._pid != os.getpid():  # forked into a worker: never share handles across processes
             self._open, self._pid = OrderedDict(), os.getpid()
@@ -205,5 +200,5 @@ class ShardDataset(Dataset):
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_open"] = OrderedDict()  # open files and memory maps never cross a process boundary
+        state["_open"] = OrderedDict()  # open file descriptors never cross a process boundary
         return state

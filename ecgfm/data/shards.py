@@ -105,7 +105,7 @@ class ShardWriter:
     """Write one shard under a temporary name and rename it into place on ``close()``, so no half shard exists.
 
     Signals are spooled to a raw temporary file and stored as one contiguous, uncompressed ``/signal`` dataset,
-    so readers can memory-map it (no HDF5 call per segment).
+    so readers find each segment at a fixed byte offset and read it with one pread (no HDF5 call per segment).
     """
 
     def __init__(
@@ -185,7 +185,7 @@ class ShardWriter:
         rows = self._rows
         with h5py.File(self.tmp_path, "w") as f:
             f.attrs.update({**self.attrs, "n_segments": n})
-            signal = f.create_dataset("signal", (n, leads, self.n_samples), np.int16)  # contiguous: memory-mappable
+            signal = f.create_dataset("signal", (n, leads, self.n_samples), np.int16)  # contiguous: one pread each
             spooled = np.memmap(self.spool_path, np.int16, "r", shape=(n, leads, self.n_samples)) if n else None
             for start in range(0, n, 256):
                 signal[start : start + 256] = spooled[start : start + 256]
@@ -211,17 +211,6 @@ class ShardWriter:
         self._spool.close()
         self.spool_path.unlink(missing_ok=True)
         self.tmp_path.unlink(missing_ok=True)
-
-
-def signal_memmap(f: h5py.File) -> np.ndarray | None:
-    """A read-only memory map of a shard's contiguous ``/signal`` (None for chunked or compressed files)."""
-    dset = f["signal"]
-    if dset.chunks is not None or dset.compression is not None or dset.shape[0] == 0:
-        return None
-    offset = dset.id.get_offset()
-    if offset is None:
-        return None
-    return np.memmap(f.filename, dtype=np.int16, mode="r", offset=offset, shape=dset.shape)
 
 
 def open_shard(path: str | Path) -> h5py.File:

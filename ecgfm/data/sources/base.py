@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +38,7 @@ class Record:
             )
 
 
-class SourceReader:
+class SourceReader(ABC):
     """Finds the records of one on-disk format under a folder and reads them one by one.
 
     A reader whose format carries labels (Challenge ``# Dx:`` codes, PTB-XL's SCP statements) also declares
@@ -63,9 +64,9 @@ class SourceReader:
             raise FileNotFoundError(f"{root}: no such folder")
         return sorted(header.with_suffix("") for header in root.rglob("*.hea") if header.is_file())
 
+    @abstractmethod
     def read(self, path: Path) -> Record:
         """Read the record at ``path`` (with or without ``.hea``); raises RecordError if it cannot be read."""
-        raise NotImplementedError
 
 
 SOURCES: dict[str, type[SourceReader]] = {}
