@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import csv
+import io
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
@@ -10,6 +13,7 @@ from torch import Tensor, nn
 
 from ecgfm.backbones import create_backbone
 from ecgfm.backbones.registry import InputSpec
+from ecgfm.data.shards import atomic_write_text
 from ecgfm.heads import Head, create_head
 from ecgfm.leads import STANDARD_LEADS, lead_indices
 from ecgfm.signal import build_preprocessing, to_millivolts
@@ -103,9 +107,26 @@ class FineTuneTask(L.LightningModule):
             self._label_columns[name] = None if identity else columns
         self._build_metrics()
         restoring = self._trainer is not None and self.trainer.ckpt_path is not None
+        if stage == "fit" and not restoring:
+            self._fit_head_statistics(datamodule)
         if self.hparams.pretrained and not restoring and not self._pretrained_loaded:
             self.backbone.load_pretrained(self.hparams.pretrained)
             self._pretrained_loaded = True
+
+    def _fit_head_statistics(self, datamodule: Any) -> None:
+        """Heads that standardise or weight by the training split learn those constants once, before training."""
+        heads = [h for h in self.heads.values() if h.uses_statistics]
+        if not heads:
+            return
+        summary_of = getattr(datamodule, "target_summary", None)
+        if summary_of is None:
+            raise TypeError(f"heads {[h.name for h in heads]} learn from the training split; the datamodule has none")
+        summaries: dict[str, Any] = {}
+        for head in heads:
+            if head.target not in summaries:
+                summaries[head.target] = summary_of(head.target)
+            names = datamodule.target_specs[head.target].names
+            head.fit_statistics(summaries[head.target].select([names.index(lab) for lab in head.labels]))
 
     def _build_metrics(self) -> None:
         if len(self.metrics):
@@ -189,7 +210,25 @@ class FineTuneTask(L.LightningModule):
             metrics = self.metrics[f"{split}_{name}"]
             values = head.compute_metrics(metrics)
             self.log_dict({f"{split}/{name}/{k}": v.float() for k, v in values.items()}, sync_dist=False)
+            if split != "train" and not self.trainer.sanity_checking:
+                if split == "val":
+                    head.calibrate(metrics)
+                self._write_tables(split, name, head.tables(metrics))
             metrics.reset()
+
+    def _write_tables(self, split: str, head: str, tables: dict[str, list[dict[str, Any]]]) -> None:
+        """``<log dir>/tables/<split>-<head>-<table>.csv``, rewritten each epoch, by the first rank only."""
+        if not tables or self.trainer.global_rank != 0:
+            return
+        folder = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "tables"
+        folder.mkdir(parents=True, exist_ok=True)
+        for table, rows in tables.items():
+            if rows:
+                text = io.StringIO()
+                writer = csv.DictWriter(text, fieldnames=list(rows[0]))
+                writer.writeheader()
+                writer.writerows(rows)
+                atomic_write_text(folder / f"{split}-{head}-{table}.csv", text.getvalue())
 
     def on_train_epoch_end(self) -> None:
         self._log_epoch_metrics("train")

@@ -27,3 +27,13 @@ def ludb_shards(tmp_path_factory) -> Path:
     summary = convert_bundled(out, progress=False)
     assert summary.records_read == 120 and not summary.skipped
     return out
+
+
+@pytest.fixture(scope="session")
+def synthetic_shards(tmp_path_factory) -> Path:
+    """768 synthetic segments (192 patients) with potassium, labs, electrolyte and hyperkalemia targets."""
+    from ecgfm.data.synthetic import write_synthetic_shards
+
+    out = tmp_path_factory.mktemp("synthetic-shards")
+    write_synthetic_shards(out, 768, seed=0, segments_per_shard=256, progress=False)
+    return out

@@ -12,7 +12,7 @@ from ecgfm.data.dataset import ShardDataset, collate
 from ecgfm.data.index import SPLITS, SegmentIndex, patient_split
 from ecgfm.data.loader import ShardLoader
 from ecgfm.data.sampler import ShardSampler
-from ecgfm.data.shards import Manifest, TargetSpec
+from ecgfm.data.shards import Manifest, TargetSpec, TargetSummary
 
 __all__ = ["ShardDataModule", "patient_split"]
 
@@ -83,6 +83,12 @@ class ShardDataModule(L.LightningDataModule):
                     "use more data or change val_fraction/test_fraction"
                 )
         return out
+
+    def target_summary(self, name: str, split: str = "train") -> TargetSummary:
+        """Per-column counts and sums of one target over a split (heads standardise and weight with it)."""
+        if split not in self.datasets:
+            self.setup("fit")
+        return self.datasets[split].target_summary(name)
 
     def setup(self, stage: str | None = None) -> None:
         if stage == "predict" and self.hparams.predict_split == "all":

@@ -18,7 +18,7 @@ from torch.utils.data import Dataset, default_collate, get_worker_info
 
 from ecgfm.data.index import SegmentIndex, check_positions
 from ecgfm.data.loader import SlotRef
-from ecgfm.data.shards import ShardError, open_shard
+from ecgfm.data.shards import ShardError, TargetSummary, open_shard
 
 
 class _OpenShard:
@@ -194,6 +194,16 @@ class ShardDataset(Dataset):
             with open_shard(self.root / self.manifest.shards[number]["path"]) as f:
                 out[where] = f[f"targets/{name}"][:][rows[where]]
         return out
+
+    def target_summary(self, name: str) -> TargetSummary:
+        """Counts, sums and sums of squares of one target over the served segments, read one shard at a time."""
+        shards, rows = self.index.locate(self.indices)
+        summary = TargetSummary.of(np.zeros((0, len(self.manifest.targets[name].names))))
+        for number in np.unique(shards):
+            with open_shard(self.root / self.manifest.shards[number]["path"]) as f:
+                values = f[f"targets/{name}"][:]
+            summary = summary + TargetSummary.of(values[rows[shards == number]])
+        return summary
 
     def close(self) -> None:
         self._open = OrderedDict()

@@ -41,6 +41,44 @@ class TargetSpec:
 
 
 @dataclass
+class TargetSummary:
+    """Per-column counts, sums and sums of squares of one target over a split (missing values skipped).
+
+    Enough for standardisation (mean, std), class weights and positive weights, gathered shard by shard.
+    """
+
+    count: np.ndarray
+    total: np.ndarray
+    total_sq: np.ndarray
+
+    @classmethod
+    def of(cls, values: np.ndarray) -> TargetSummary:
+        """Summary of a [N, C] array with NaN for missing values."""
+        values = np.asarray(values, dtype=np.float64)
+        known = np.isfinite(values)
+        filled = np.where(known, values, 0.0)
+        return cls(known.sum(0).astype(np.int64), filled.sum(0), np.square(filled).sum(0))
+
+    def __add__(self, other: TargetSummary) -> TargetSummary:
+        return TargetSummary(self.count + other.count, self.total + other.total, self.total_sq + other.total_sq)
+
+    def select(self, columns: list[int]) -> TargetSummary:
+        return TargetSummary(self.count[columns], self.total[columns], self.total_sq[columns])
+
+    @property
+    def mean(self) -> np.ndarray:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return self.total / self.count
+
+    @property
+    def std(self) -> np.ndarray:
+        """Sample standard deviation (n - 1)."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            var = (self.total_sq - self.total**2 / self.count) / (self.count - 1)
+        return np.sqrt(np.clip(var, 0.0, None))
+
+
+@dataclass
 class Manifest:
     """manifest.json beside the shards: shard list with counts, target vocabularies, split by patient."""
 

@@ -1,7 +1,14 @@
-"""Task heads; importing this package registers every head kind."""
+"""Task heads. Importing this package imports every module in it, so a new head is one file with one
+``@register_head`` decorator; each registered class is also importable from here (``ecgfm.heads.OrdinalHead``)."""
 
-from ecgfm.heads.base import Head, create_head, list_heads, register_head
-from ecgfm.heads.multilabel import MultiLabelHead
-from ecgfm.heads.regression import RegressionHead
+import importlib
+import pkgutil
 
-__all__ = ["Head", "MultiLabelHead", "RegressionHead", "create_head", "list_heads", "register_head"]
+from ecgfm.heads.base import _HEADS, Head, create_head, list_heads, register_head
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
+
+globals().update({cls.__name__: cls for cls in _HEADS.values()})
+
+__all__ = ["Head", "create_head", "list_heads", "register_head", *sorted(cls.__name__ for cls in _HEADS.values())]

@@ -11,6 +11,8 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 
+from ecgfm.data.shards import TargetSummary
+
 _HEADS: dict[str, type[Head]] = {}
 
 
@@ -109,6 +111,20 @@ class Head(nn.Module, ABC):
     def postprocess(self, output: Tensor) -> dict[str, Tensor]:
         """Each subclass names and scales its predictions."""
 
+    #: True when the head learns constants from the training split (standardisation, class weights): the task
+    #: then calls ``fit_statistics`` once before a new run starts; the constants are buffers, saved with the weights.
+    uses_statistics = False
+
+    def fit_statistics(self, summary: TargetSummary) -> None:
+        """Learn constants from the training split's per-column counts, sums and sums of squares."""
+
+    def calibrate(self, metrics: MetricCollection) -> None:
+        """After each validation epoch (not the sanity check): choose decision thresholds from validation results."""
+
+    def tables(self, metrics: MetricCollection) -> dict[str, list[dict[str, Any]]]:
+        """Per-label or per-category results too long for the logger; the task writes each as a CSV file."""
+        return {}
+
     def config(self) -> dict[str, Any]:
         """The constructor call that rebuilds this head (saved in checkpoints)."""
         return {
@@ -129,6 +145,11 @@ def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
     """Mean of ``values`` where ``mask`` is true; 0 (with a gradient path) when nothing is labelled."""
     mask = mask.to(values.dtype)
     return (values * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def row_mask(mask: Tensor) -> Tensor:
+    """[B, K] column mask -> [B] rows whose K columns are all known (one-hot classes, ordinal levels)."""
+    return mask.all(dim=1) if mask.ndim == 2 else mask
 
 
 def fill_missing(target: Tensor, mask: Tensor, value: float = 0.0) -> Tensor:
