@@ -151,13 +151,24 @@ class BinnedScores(Metric):
         position = (scores.float() - self.low) * (self.bins / (self.high - self.low))
         return position.nan_to_num(0.0).clamp(0, self.bins - 1).long()
 
+    def first_bin_at(self, threshold: Tensor) -> Tensor:
+        """Per column, the first bin whose left edge is >= ``threshold`` (bins from there on are called positive)."""
+        position = (threshold.float() - self.low) * (self.bins / (self.high - self.low))
+        nearest = position.round()
+        position = torch.where((position - nearest).abs() < 1e-3, nearest, position.ceil())  # an edge stays itself
+        return position.clamp(0, self.bins).long()
+
     def edges(self) -> Tensor:
         """Left edge of each bin: a threshold at edge b calls bins b.. positive."""
         return torch.linspace(self.low, self.high, self.bins + 1)[:-1]
 
     def update(self, scores: Tensor, target: Tensor, mask: Tensor) -> None:
         """scores, target (0/1), mask: [N, columns]; masked-out entries are not counted."""
-        scores, target, mask = scores.reshape(len(scores), -1), target.reshape(len(scores), -1), mask.reshape(len(scores), -1)
+        scores, target, mask = (
+            scores.reshape(len(scores), -1),
+            target.reshape(len(scores), -1),
+            mask.reshape(len(scores), -1),
+        )
         column = torch.arange(self.num_columns, device=scores.device).expand_as(scores)
         negative = (target <= 0.5).long()  # class slot 0 = positives, 1 = negatives
         flat = (column * 2 + negative) * self.bins + self.bin_of(scores)

@@ -115,7 +115,7 @@ class FineTuneTask(L.LightningModule):
 
     def _fit_head_statistics(self, datamodule: Any) -> None:
         """Heads that standardise or weight by the training split learn those constants once, before training."""
-        heads = [h for h in self.heads.values() if h.uses_statistics]
+        heads = [h for h in self.heads.values() if h.uses_statistics and not bool(h.statistics_fitted)]
         if not heads:
             return
         summary_of = getattr(datamodule, "target_summary", None)
@@ -127,6 +127,7 @@ class FineTuneTask(L.LightningModule):
                 summaries[head.target] = summary_of(head.target)
             names = datamodule.target_specs[head.target].names
             head.fit_statistics(summaries[head.target].select([names.index(lab) for lab in head.labels]))
+            head.statistics_fitted.fill_(True)
 
     def _build_metrics(self) -> None:
         if len(self.metrics):

@@ -86,6 +86,8 @@ class Head(nn.Module, ABC):
         self.in_features = in_features
         self.labels = list(labels)
         self._build_layers(in_features, len(self.labels))
+        # Set once fit_statistics has run; saved with the weights, so a reloaded head is never re-standardised.
+        self.register_buffer("statistics_fitted", torch.zeros((), dtype=torch.bool))
 
     @abstractmethod
     def _build_layers(self, in_features: int, n_outputs: int) -> None:
