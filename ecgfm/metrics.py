@@ -214,6 +214,11 @@ class BinnedScores(Metric):
     @staticmethod
     def best_bins(hist: Tensor, criterion: str = "balanced_accuracy") -> Tensor:
         """Per column, the first positive bin that maximises balanced accuracy (or F1); ties go to the lowest."""
+        return BinnedScores.criterion_by_bin(hist, criterion).argmax(-1)
+
+    @staticmethod
+    def criterion_by_bin(hist: Tensor, criterion: str = "balanced_accuracy") -> Tensor:
+        """[C, bins] balanced accuracy (or F1) when bins >= b are called positive."""
         pos, neg = hist[:, 0].double(), hist[:, 1].double()
         tp = pos.flip(-1).cumsum(-1).flip(-1)
         fp = neg.flip(-1).cumsum(-1).flip(-1)
@@ -224,7 +229,7 @@ class BinnedScores(Metric):
             value = 2 * tp / (tp + fp + p)
         else:
             raise ValueError(f"criterion must be 'balanced_accuracy' or 'f1', got {criterion!r}")
-        return value.argmax(-1)
+        return value
 
 
 class ColumnErrors(Metric):
@@ -275,6 +280,26 @@ class ColumnErrors(Metric):
             }
 
 
+class ConfusionCounts(Metric):
+    """A summed K x K confusion matrix, true categories in rows and predictions in columns (DDP adds it up)."""
+
+    full_state_update = False
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.num_classes = num_classes
+        self.add_state("counts", torch.zeros(num_classes, num_classes, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, predicted: Tensor, true: Tensor) -> None:
+        """predicted, true: [N] category indices of the labelled rows."""
+        k = self.num_classes
+        flat = true.long().reshape(-1) * k + predicted.long().reshape(-1)
+        self.counts += torch.bincount(flat, minlength=k * k).view(k, k)
+
+    def compute(self) -> Tensor:
+        return self.counts
+
+
 class StoredScores(Metric):
     """Keeps every (score row, label) of an epoch, for statistics with no bounded form (PDI, ordinal concordance).
 
@@ -301,6 +326,7 @@ class StoredScores(Metric):
 __all__ = [
     "BinnedScores",
     "ColumnErrors",
+    "ConfusionCounts",
     "StoredScores",
     "confusion_statistics",
     "ordinal_concordance",

@@ -190,12 +190,15 @@ class MultiLabelHead(Head):
 
     def calibrate(self, metrics: MetricCollection) -> None:
         """Each label's threshold := the histogram edge with the best balanced accuracy (or F1) on validation;
-        labels without both classes in validation keep theirs."""
+        labels without both classes in validation, or where no threshold beats chance, keep theirs."""
         hist = metrics["scores"].compute()
         positives, negatives = BinnedScores.totals(hist)
         valid = (positives > 0) & (negatives > 0)
+        quality = BinnedScores.criterion_by_bin(hist, self.threshold_criterion)
+        if self.threshold_criterion == "balanced_accuracy":  # no better than chance (0.5): keep the threshold
+            valid &= quality.max(-1).values > 0.5 + 1e-9
         edges = metrics["scores"].edges().to(hist.device)
-        best = edges[BinnedScores.best_bins(hist, self.threshold_criterion)]
+        best = edges[quality.argmax(-1)]
         self.decision_logit.copy_(torch.where(valid, best, self.decision_logit))
 
     def tables(self, metrics: MetricCollection) -> dict[str, list[dict[str, Any]]]:

@@ -30,6 +30,7 @@ from ecgfm.data.sources.base import (
     record_base,
     register_source,
 )
+from ecgfm.data.triage import TRIAGE_LEVELS, load_triage_mapping, triage_level, triage_one_hot
 
 # Challenge .mat files hold int16 samples, so WFDB's format-16 "no sample" code applies.
 _INVALID_INT16 = -(2**15)
@@ -107,19 +108,34 @@ class ChallengeReader(SourceReader):
 
     Provides the multi-label target ``dx``: the ``# Dx:`` SNOMED-CT codes named by the mapping tables
     (the Challenge 2021 tables by default; codes no table knows keep their number).
+
+    Args:
+        dx_mapping: Challenge mapping CSVs (SNOMED-CT code -> abbreviation); default: the Challenge 2021 tables.
+        triage_mapping: a CSV of code -> triage level (``ecgfm.data.triage``, e.g.
+            ``recipes/triage/snomed_triage.csv``); when given, the reader also provides the multiclass target
+            ``triage`` (one-hot over normal, abnormal_not_acute, subacute, acute): the most urgent level among
+            the record's mapped codes, all NaN (missing) when none of its codes is mapped.
     """
 
-    def __init__(self, dx_mapping: list[str | Path] | None = None):
+    def __init__(self, dx_mapping: list[str | Path] | None = None, triage_mapping: str | Path | None = None):
         paths = [Path(p) for p in dx_mapping] if dx_mapping else list(DEFAULT_DX_MAPPING)
         self.dx_mapping = load_dx_mapping(paths)
+        self.triage_mapping = load_triage_mapping(triage_mapping) if triage_mapping else None
 
     def target_specs(self, paths: list[Path]) -> dict[str, TargetSpec]:
         names = sorted({name for p in paths for name in dx_names(header_dx_codes(p), self.dx_mapping)})
-        return {"dx": TargetSpec("multilabel", names)}
+        specs = {"dx": TargetSpec("multilabel", names)}
+        if self.triage_mapping is not None:
+            specs["triage"] = TargetSpec("multiclass", list(TRIAGE_LEVELS))
+        return specs
 
     def targets(self, record: Record, specs: dict[str, TargetSpec]) -> dict[str, np.ndarray]:
-        present = set(dx_names(record.metadata.get("dx_codes", []), self.dx_mapping))
-        return {"dx": np.array([float(n in present) for n in specs["dx"].names], np.float32)}
+        codes = record.metadata.get("dx_codes", [])
+        present = set(dx_names(codes, self.dx_mapping))
+        out = {"dx": np.array([float(n in present) for n in specs["dx"].names], np.float32)}
+        if "triage" in specs and self.triage_mapping is not None:
+            out["triage"] = triage_one_hot(triage_level(codes, self.triage_mapping))
+        return out
 
     def read(self, path: Path) -> Record:
         """Read one record as float32 mV [L, T] with ``dx_codes``, age and sex in the metadata."""
