@@ -61,10 +61,16 @@ def test_conditions_recipe_writes_the_per_label_table_and_thresholds(challenge_s
     assert len(rows) > 20 and any(row.startswith("NSR,") for row in rows)  # Challenge names, e.g. sinus rhythm
 
 
-def test_heads_report_the_same_metrics_alone_or_together(synthetic_shards):
+def test_heads_report_the_same_metrics_alone_or_together(synthetic_shards, tmp_path):
     def validate(task: FineTuneTask) -> dict[str, float]:
         data = ShardDataModule(str(synthetic_shards), batch_size=32, val_fraction=0.2, test_fraction=0.1)
-        trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_checkpointing=False, limit_val_batches=3)
+        trainer = L.Trainer(
+            logger=False,
+            enable_progress_bar=False,
+            enable_checkpointing=False,
+            limit_val_batches=3,
+            default_root_dir=tmp_path,
+        )
         return {k: float(v) for k, v in trainer.validate(task, datamodule=data, verbose=False)[0].items()}
 
     L.seed_everything(0)
