@@ -22,6 +22,7 @@ commands:
   shard verify DIR                  check every shard of DIR against its manifest
   synth                             write synthetic 12-lead shards with known potassium and lab values
   bench data                        loader, conversion and index benchmarks against same-run baselines
+  bench metrics                     multi-label metrics, 1,200 labels x 1,000,000 samples: memory, time, torchmetrics
   quickstart                        convert the bundled LUDB recordings, fine-tune, and evaluate
   list-backbones                    the registered backbone names
 
@@ -78,14 +79,27 @@ def run_shard(argv: list[str]) -> int:
 def run_bench(argv: list[str]) -> int:
     from ecgfm.bench.data import run_data_benchmark
 
+    if argv[:1] == ["metrics"]:
+        return run_bench_metrics(argv[1:])
     if argv[:1] != ["data"]:
         print("usage: ecgfm bench data [--segments N] [--wfdb_records N] [--index_segments N] ...", file=sys.stderr)
+        print("       ecgfm bench metrics [--labels N] [--samples N] [--batch N] [--bins N] ...", file=sys.stderr)
         return 2
     parser = ArgumentParser(prog="ecgfm bench data", description=run_data_benchmark.__doc__)
     parser.add_function_arguments(run_data_benchmark, skip={"console"})
     cfg = parser.parse_args(argv[1:]).as_dict()
     cfg["workers"] = tuple(cfg["workers"])
     run_data_benchmark(**{k: v for k, v in cfg.items() if k != "__path__"})
+    return 0
+
+
+def run_bench_metrics(argv: list[str]) -> int:
+    from ecgfm.bench.metrics import run_metrics_benchmark
+
+    parser = ArgumentParser(prog="ecgfm bench metrics", description=run_metrics_benchmark.__doc__.split("\n\n")[0])
+    parser.add_function_arguments(run_metrics_benchmark, skip={"console"})
+    cfg = parser.parse_args(argv).as_dict()
+    run_metrics_benchmark(**{k: v for k, v in cfg.items() if k != "__path__"})
     return 0
 
 

@@ -147,10 +147,6 @@ class BinnedScores(Metric):
         self.num_columns, self.bins, self.low, self.high = num_columns, bins, low, high
         self.add_state("hist", torch.zeros(num_columns, 2, bins, dtype=torch.long), dist_reduce_fx="sum")
 
-    def bin_of(self, scores: Tensor) -> Tensor:
-        position = (scores.float() - self.low) * (self.bins / (self.high - self.low))
-        return position.nan_to_num(0.0).clamp(0, self.bins - 1).long()
-
     def first_bin_at(self, threshold: Tensor) -> Tensor:
         """Per column, the first bin whose left edge is >= ``threshold`` (bins from there on are called positive)."""
         position = (threshold.float() - self.low) * (self.bins / (self.high - self.low))
@@ -163,17 +159,20 @@ class BinnedScores(Metric):
         return torch.linspace(self.low, self.high, self.bins + 1)[:-1]
 
     def update(self, scores: Tensor, target: Tensor, mask: Tensor) -> None:
-        """scores, target (0/1), mask: [N, columns]; masked-out entries are not counted."""
-        scores, target, mask = (
-            scores.reshape(len(scores), -1),
-            target.reshape(len(scores), -1),
-            mask.reshape(len(scores), -1),
-        )
-        column = torch.arange(self.num_columns, device=scores.device).expand_as(scores)
-        negative = (target <= 0.5).long()  # class slot 0 = positives, 1 = negatives
-        flat = (column * 2 + negative) * self.bins + self.bin_of(scores)
-        counts = torch.bincount(flat[mask], minlength=self.hist.numel())
-        self.hist += counts.view_as(self.hist)
+        """scores, target (0/1), mask: [N, columns]; masked-out entries are not counted.
+
+        One int32 index per entry (column, class, bin), masked entries sent to a spare slot: no [N, C] int64
+        tensors and no boolean indexing, which made the update 2-3x slower at 1,200 labels (ecgfm bench metrics).
+        """
+        n = len(scores)
+        scores, target, mask = scores.reshape(n, -1), target.reshape(n, -1), mask.reshape(n, -1)
+        slots = self.hist.numel()
+        position = scores.float().sub(self.low).mul_(self.bins / (self.high - self.low))
+        flat = position.nan_to_num_(0.0).clamp_(0, self.bins - 1).to(torch.int32)
+        flat += torch.arange(self.num_columns, dtype=torch.int32, device=flat.device).mul_(2 * self.bins)
+        flat += (target <= 0.5).to(torch.int32).mul_(self.bins)  # class slot 0 = positives, 1 = negatives
+        flat.masked_fill_(~mask, slots)
+        self.hist += torch.bincount(flat.view(-1), minlength=slots + 1)[:slots].view_as(self.hist)
 
     def compute(self) -> Tensor:
         return self.hist

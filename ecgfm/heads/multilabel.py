@@ -152,7 +152,7 @@ class MultiLabelHead(Head):
         return MetricCollection({"scores": BinnedScores(len(self.labels), bins=self.bins)})
 
     def update_metrics(self, metrics: MetricCollection, output: Tensor, target: Tensor, mask: Tensor) -> None:
-        metrics["scores"].update(output.float(), fill_missing(target, mask), mask)
+        metrics["scores"].update(output.float(), target, mask)  # masked entries are dropped, NaN or not
 
     def _summary(self, scores: BinnedScores) -> dict[str, Tensor]:
         hist = scores.compute()
