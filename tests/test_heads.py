@@ -193,7 +193,9 @@ def test_regression_learns_standardisation_from_a_summary_and_reports_pearson():
     assert out["pearson/sodium"] == pytest.approx(
         float(torch.corrcoef(torch.stack([prediction[:, 0], target[:, 0]]))[0, 1])
     )
-    assert out["mae_mean"] == pytest.approx((10 / 3 + 1.0) / 2, abs=1e-5)  # |y - train mean| per column, averaged
+    # |y - train mean| per column: 10/3 and 1; their units differ, so only the unit-free ratio is averaged
+    assert "mae" not in out and "mae_mean" not in out
+    assert out["mae_ratio"] == pytest.approx((1.0 / (10 / 3) + 0.75 / 1.0) / 2, abs=1e-5)
     names = head.postprocess(output)
     assert set(names) == {"sodium_mmol_l", "hemoglobin_g_dl"}
 
@@ -285,3 +287,20 @@ def test_shipped_reference_ranges_match_the_synthetic_labs():
     assert list(ranges) == list(SYNTHETIC_LABS)
     for lab, spec in SYNTHETIC_LABS.items():
         assert tuple(ranges[lab][:2]) == spec["reference"] and ranges[lab][2] == spec["unit"]
+
+
+def test_multilabel_scalar_pos_weight_and_a_call_everything_threshold():
+    head = built(MultiLabelHead(name="c", pos_weight=5.0), ["a", "b"])
+    torch.testing.assert_close(head.pos_weight, torch.tensor([5.0, 5.0]))
+    f1 = built(MultiLabelHead(name="c", threshold_criterion="f1"), ["common"])
+    metrics = f1.metrics()
+    # 4 positives of 5: calling everything positive maximises F1, below the histogram's range included
+    f1.update_metrics(
+        metrics,
+        torch.tensor([[-20.0], [-3.0], [1.0], [2.0], [-1.0]]),
+        torch.tensor([[1.0]] * 4 + [[0.0]]),
+        torch.ones(5, 1, dtype=torch.bool),
+    )
+    f1.calibrate(metrics)
+    assert float(f1.decision_logit[0]) == float("-inf")
+    assert f1.postprocess(torch.tensor([[-30.0]]))["common"].item() == 1.0

@@ -73,8 +73,9 @@ def test_labs_unlinked_to_the_waveform_stay_at_chance(shards, tmp_path, monkeypa
     )
     per_lab = tables["test-labs-per_lab"]
     auroc = {lab: float(per_lab[lab]["auroc_abnormal"]) for lab in SYNTHETIC_LABS}
-    print("abnormal-value AUROC per lab:", {lab: round(v, 3) for lab, v in auroc.items()})
+    pearson = {lab: round(float(per_lab[lab]["pearson"]), 3) for lab in SYNTHETIC_LABS}
+    print("abnormal-value AUROC per lab:", {lab: round(v, 3) for lab, v in auroc.items()}, "Pearson r:", pearson)
     for lab, spec in SYNTHETIC_LABS.items():
         if not spec["linked"]:
-            assert 0.38 < auroc[lab] < 0.62, (lab, auroc[lab])  # a leak would push these up
-    assert max(auroc["calcium"], auroc["creatinine"]) > 0.65  # the model did learn where the ECG carries signal
+            assert 0.42 < auroc[lab] < 0.58, (lab, auroc[lab])  # 3 sds of chance; a leak would push these up
+    assert max(auroc["calcium"], auroc["creatinine"]) > 0.6  # the model did learn where the ECG carries signal

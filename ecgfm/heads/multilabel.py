@@ -61,8 +61,8 @@ class MultiLabelHead(Head):
     Args:
         labels_file: the label vocabulary (text, one per line, or CSV with a ``label`` column) instead of ``labels``.
         loss: ``bce`` or ``asymmetric``.
-        pos_weight: per-label weight of positives in the BCE, or ``balanced`` (negatives / positives in the training
-            split, at most ``max_pos_weight``).
+        pos_weight: weight of positives in the BCE (a number, or one per label), or ``balanced`` (negatives / positives
+            in the training split, at most ``max_pos_weight``).
         gamma_pos, gamma_neg, clip: the asymmetric loss's focusing parameters and probability margin.
         dropout: dropout on the features before the linear layer.
         bins: histogram bins over logits in [-16, 16] for AUROC/AUPRC and thresholds (memory: labels x 2 x bins).
@@ -78,7 +78,7 @@ class MultiLabelHead(Head):
         loss_weight: float = 1.0,
         labels_file: str | None = None,
         loss: Literal["bce", "asymmetric"] = "bce",
-        pos_weight: list[float] | Literal["balanced"] | None = None,
+        pos_weight: list[float] | float | Literal["balanced"] | None = None,
         max_pos_weight: float = 100.0,
         gamma_pos: float = 0.0,
         gamma_neg: float = 4.0,
@@ -98,7 +98,9 @@ class MultiLabelHead(Head):
         if loss == "asymmetric" and pos_weight is not None:
             raise ValueError(f"head {name!r}: pos_weight applies to the bce loss only")
         if isinstance(pos_weight, str) and pos_weight != "balanced":
-            raise ValueError(f"head {name!r}: pos_weight must be a list or 'balanced', got {pos_weight!r}")
+            raise ValueError(f"head {name!r}: pos_weight must be a number, a list or 'balanced', got {pos_weight!r}")
+        if isinstance(pos_weight, tuple):
+            pos_weight = list(pos_weight)
         self.loss_name = loss
         self.pos_weight_values = pos_weight
         self.max_pos_weight = max_pos_weight
@@ -114,7 +116,9 @@ class MultiLabelHead(Head):
 
     def _build_layers(self, in_features: int, n_outputs: int) -> None:
         self.classifier = nn.Sequential(nn.Dropout(self.dropout), nn.Linear(in_features, n_outputs))
-        if isinstance(self.pos_weight_values, list):
+        if isinstance(self.pos_weight_values, (int, float)):
+            self.register_buffer("pos_weight", torch.full((n_outputs,), float(self.pos_weight_values)))
+        elif isinstance(self.pos_weight_values, list):
             if len(self.pos_weight_values) != n_outputs:
                 raise ValueError(
                     f"head {self.name!r}: pos_weight has {len(self.pos_weight_values)} values for {n_outputs} labels"
@@ -198,7 +202,9 @@ class MultiLabelHead(Head):
         if self.threshold_criterion == "balanced_accuracy":  # no better than chance (0.5): keep the threshold
             valid &= quality.max(-1).values > 0.5 + 1e-9
         edges = metrics["scores"].edges().to(hist.device)
-        best = edges[quality.argmax(-1)]
+        best_bin = quality.argmax(-1)
+        # calling every bin positive: -inf, so scores below the histogram's range are called in predictions too
+        best = torch.where(best_bin == 0, torch.full_like(edges[0], float("-inf")), edges[best_bin])
         self.decision_logit.copy_(torch.where(valid, best, self.decision_logit))
 
     def tables(self, metrics: MetricCollection) -> dict[str, list[dict[str, Any]]]:

@@ -161,11 +161,15 @@ class RegressionHead(Head):
             metrics["coverage_95"].update(((prediction - target).abs() <= 1.96 * sd)[mask].float())
 
     def compute_metrics(self, metrics: MetricCollection) -> dict[str, Tensor]:
-        """Means over columns of MAE, RMSE and Pearson r; ``mae_ratio`` = MAE / MAE of predicting the training mean."""
+        """Means over columns of Pearson r and ``mae_ratio`` (MAE / MAE of predicting the training mean), and of MAE and
+        RMSE when every column has the same unit."""
         errors = _column_errors(metrics)
         known = errors["n"] > 0
         out: dict[str, Tensor] = {}
-        for key, name in (("mae", "mae"), ("rmse", "rmse"), ("pearson", "pearson"), ("mae_reference", "mae_mean")):
+        pairs = [("pearson", "pearson")]
+        if len(set(self.column_units())) == 1:  # a mean of MAEs in different units would mean nothing
+            pairs += [("mae", "mae"), ("rmse", "rmse"), ("mae_reference", "mae_mean")]
+        for key, name in pairs:
             values = errors[key][known]
             values = values[~values.isnan()]
             out[name] = values.mean() if values.numel() else torch.tensor(float("nan"))
