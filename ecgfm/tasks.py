@@ -11,11 +11,12 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from ecgfm.adapters import LeadDropout, create_adapter
 from ecgfm.backbones import create_backbone
 from ecgfm.backbones.registry import InputSpec
 from ecgfm.data.shards import atomic_write_text
 from ecgfm.heads import Head, create_head
-from ecgfm.leads import STANDARD_LEADS, lead_indices
+from ecgfm.leads import STANDARD_LEADS, lead_indices, parse_leads
 from ecgfm.signal import build_preprocessing, to_millivolts
 
 SPLIT_NAMES = ("train", "val", "test")
@@ -31,11 +32,18 @@ class FineTuneTask(L.LightningModule):
         heads: the heads; in YAML each is ``{class_path: ecgfm.heads.MultiLabelHead, init_args: {...}}``.
         preprocessing: name or ``{name: ..., **options}`` of the on-device preprocessing chain; None uses the
             backbone's own (ECGFounder's chain for Net1D).
-        finetune: ``full`` trains everything; ``linear_probe`` freezes the backbone and trains the heads.
+        finetune: ``full`` trains everything; ``linear_probe`` freezes the backbone (and the lead adapter) and trains
+            the heads.
         lr, weight_decay: AdamW settings.
         backbone_lr_scale: the backbone's learning rate is ``lr * backbone_lr_scale`` (lower for pretrained weights).
         scheduler: ``cosine`` (over the whole run), ``plateau`` (on ``monitor``) or ``none``.
         monitor: metric the plateau scheduler follows, e.g. ``val/loss``.
+        leads: the leads the model reads from the data, by name or subset (``["I"]``, ``"limb"``); None = the
+            backbone's own leads.
+        adapter: the lead adapter (``ecgfm.adapters``), a name or ``{name: ..., **options}``; None = ``identity``
+            when ``leads`` are the backbone's leads, ``zero_fill`` otherwise.
+        lead_dropout: in training, each present lead of each sample is zeroed and masked out with this probability
+            (at least one lead is kept), so that one model serves several lead subsets.
     """
 
     def __init__(
@@ -51,6 +59,9 @@ class FineTuneTask(L.LightningModule):
         backbone_lr_scale: float = 1.0,
         scheduler: Literal["cosine", "plateau", "none"] = "cosine",
         monitor: str = "val/loss",
+        leads: str | list[str] | None = None,
+        adapter: str | dict[str, Any] | None = None,
+        lead_dropout: float = 0.0,
     ):
         super().__init__()
         heads = [create_head(h) for h in (heads or [])]
@@ -63,12 +74,11 @@ class FineTuneTask(L.LightningModule):
         self.hparams["heads"] = [h.config() for h in heads]
 
         self.backbone = create_backbone(backbone, **(backbone_kwargs or {}))
+        self.leads: tuple[str, ...] = parse_leads(list(self.backbone.input_spec.lead_names) if leads is None else leads)
+        self.adapter = create_adapter(adapter, self.leads, self.backbone)  # may resize the backbone's first conv
+        self.lead_dropout = LeadDropout(lead_dropout)
         self.input_spec: InputSpec = self.backbone.input_spec
-        self.register_buffer(
-            "input_leads",
-            torch.tensor(lead_indices(self.input_spec.lead_names, STANDARD_LEADS)),
-            persistent=False,
-        )
+        self.register_buffer("input_leads", torch.tensor(lead_indices(self.leads, STANDARD_LEADS)), persistent=False)
         self.preprocessing = build_preprocessing(preprocessing or self.input_spec.preprocessing)
         self.heads = nn.ModuleDict({h.name: h for h in heads})
         for head in heads:
@@ -79,6 +89,7 @@ class FineTuneTask(L.LightningModule):
         self._pretrained_loaded = False
         if finetune == "linear_probe":
             self.backbone.requires_grad_(False)
+            self.adapter.requires_grad_(False)
 
     # ----------------------------------------------------------------- building from the data
     def setup(self, stage: str) -> None:
@@ -110,7 +121,8 @@ class FineTuneTask(L.LightningModule):
         if stage == "fit" and not restoring:
             self._fit_head_statistics(datamodule)
         if self.hparams.pretrained and not restoring and not self._pretrained_loaded:
-            self.backbone.load_pretrained(self.hparams.pretrained)
+            # weights in the backbone's native layout: the adapter folds e.g. a 12-lead first conv to k leads
+            self.backbone.load_pretrained(self.hparams.pretrained, state_filter=self.adapter.adapt_state_dict)
             self._pretrained_loaded = True
 
     def _fit_head_statistics(self, datamodule: Any) -> None:
@@ -137,6 +149,7 @@ class FineTuneTask(L.LightningModule):
                 self.metrics[f"{split}_{name}"] = head.metrics()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._pretrained_loaded = True  # the checkpoint's weights win over the pretrained file in a later setup
         if all(h.is_built for h in self.heads.values()):
             self._build_metrics()
 
@@ -144,14 +157,21 @@ class FineTuneTask(L.LightningModule):
         super().train(mode)
         if self.hparams.finetune == "linear_probe":
             self.backbone.eval()  # frozen: keep BatchNorm statistics and dropout fixed
+            self.adapter.eval()
         return self
 
     # ----------------------------------------------------------------- forward
     def prepare_signal(self, signal: Tensor, lead_mask: Tensor) -> tuple[Tensor, Tensor]:
-        """int16 µV [B, 12, T] -> the backbone's leads, float mV, preprocessed (runs on the device)."""
+        """int16 µV [B, 12, T] -> the input leads (float mV, lead dropout in training, preprocessed) -> the adapter.
+
+        Preprocessing runs on the k input leads, before the adapter: the filters are per lead and the z-score
+        masked, so for zero_fill this equals preprocessing the zero-filled leads, at k/12 of the cost, and a learned
+        adapter's output (missing-lead embedding, projection) is not zeroed by the masked z-score.
+        """
         x = to_millivolts(signal) if signal.dtype == torch.int16 else signal.float()
         x, lead_mask = x[:, self.input_leads], lead_mask[:, self.input_leads]
-        return self.preprocessing(x, lead_mask), lead_mask
+        x, lead_mask = self.lead_dropout(x, lead_mask)
+        return self.adapter(self.preprocessing(x, lead_mask), lead_mask)
 
     def forward(self, signal: Tensor, lead_mask: Tensor | None = None) -> dict[str, Tensor]:
         """Raw batch signal -> ``{head: output}``."""
@@ -219,9 +239,10 @@ class FineTuneTask(L.LightningModule):
 
     def _write_tables(self, split: str, head: str, tables: dict[str, list[dict[str, Any]]]) -> None:
         """``<log dir>/tables/<split>-<head>-<table>.csv``, rewritten each epoch, by the first rank only."""
+        log_dir = self.trainer.log_dir  # every rank asks: some loggers broadcast the directory from rank 0
         if not tables or self.trainer.global_rank != 0:
             return
-        folder = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "tables"
+        folder = Path(log_dir or self.trainer.default_root_dir) / "tables"
         folder.mkdir(parents=True, exist_ok=True)
         for table, rows in tables.items():
             if rows:
@@ -243,7 +264,8 @@ class FineTuneTask(L.LightningModule):
     # ----------------------------------------------------------------- optimisation
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        groups = [{"params": [p for p in self.heads.parameters() if p.requires_grad], "lr": hp.lr}]
+        new_params = [*self.heads.parameters(), *self.adapter.parameters()]
+        groups = [{"params": [p for p in new_params if p.requires_grad], "lr": hp.lr}]
         backbone_params = [p for p in self.backbone.parameters() if p.requires_grad]
         if backbone_params:
             groups.append({"params": backbone_params, "lr": hp.lr * hp.backbone_lr_scale})
@@ -261,6 +283,8 @@ class FineTuneTask(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["ecgfm"] = {
             "input_spec": self.input_spec.to_dict(),
+            "leads": list(self.leads),
+            "adapter": self.adapter.config(),
             "preprocessing": self.preprocessing.config(),
             "heads": {name: {"target": h.target, "labels": h.labels} for name, h in self.heads.items()},
         }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -170,6 +171,9 @@ class Net1D(nn.Module):
     The argument names are ECGFounder's, so its constructor calls work unchanged.
     """
 
+    #: The convolution that reads the leads (lead adapters such as ``fold_first_conv`` resize it).
+    first_conv_name = "first_conv.conv"
+
     def __init__(
         self,
         in_channels: int = 12,
@@ -245,9 +249,17 @@ class Net1D(nn.Module):
         self.dense = nn.Linear(self.num_features, num_classes)
         self.config["n_classes"] = num_classes
 
-    def load_pretrained(self, path: Path) -> None:
-        """Load an ECGFounder-format checkpoint strictly; its head is dropped only when its shape differs."""
+    def load_pretrained(
+        self, path: Path, state_filter: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None
+    ) -> None:
+        """Load an ECGFounder-format checkpoint strictly; its head is dropped only when its shape differs.
+
+        ``state_filter`` runs after :func:`checkpoint_filter_fn`, e.g. a lead adapter folding the 12-lead first
+        convolution into the k leads this model reads.
+        """
         state = checkpoint_filter_fn(load_state_dict_file(path))
+        if state_filter is not None:
+            state = state_filter(state)
         head = state.get("dense.weight")
         new_head = head is not None and tuple(head.shape) != tuple(self.dense.weight.shape)
         if new_head:
