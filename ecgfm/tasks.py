@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,6 +16,7 @@ from ecgfm.adapters import LeadDropout, create_adapter
 from ecgfm.backbones import create_backbone
 from ecgfm.backbones.registry import InputSpec
 from ecgfm.data.shards import atomic_write_text
+from ecgfm.distillation import cache_record, head_signature, load_teacher, match_heads, teacher_target
 from ecgfm.heads import Head, create_head
 from ecgfm.leads import STANDARD_LEADS, lead_indices, parse_leads
 from ecgfm.signal import build_preprocessing, to_millivolts
@@ -44,6 +46,18 @@ class FineTuneTask(L.LightningModule):
             when ``leads`` are the backbone's leads, ``zero_fill`` otherwise.
         lead_dropout: in training, each present lead of each sample is zeroed and masked out with this probability
             (at least one lead is kept), so that one model serves several lead subsets.
+        teacher: a fine-tuned FineTuneTask checkpoint to distil from (e.g. a 12-lead model for a lead-I student).
+            It is loaded only when fitting (so a student checkpoint reloads without it), frozen, in eval mode, kept
+            out of the student's parameters, state_dict and optimizer, and reads its own leads from the batch. Each
+            student head with a teacher head of the same name (same kind, target and labels, or an error) adds
+            ``distill_weight * head.distillation_loss(student, teacher, distill_temperature)`` to the training
+            loss, over every sample, labelled or not; the label loss stays. ``{train,val}/<head>/distill_loss`` are
+            logged; ``val/loss`` stays the label loss, comparable with a run without a teacher.
+        teacher_cache: read the teacher's outputs from the shards (target ``teacher_<head>``, written by
+            ``ecgfm distill-cache``) instead of running it; the cache must come from ``teacher`` (same sha256).
+        distill_weight: weight of each head's distillation loss in the training loss.
+        distill_temperature: softmax/sigmoid temperature T of the distillation losses (scaled by T^2; not used by
+            regression heads).
     """
 
     def __init__(
@@ -62,8 +76,18 @@ class FineTuneTask(L.LightningModule):
         leads: str | list[str] | None = None,
         adapter: str | dict[str, Any] | None = None,
         lead_dropout: float = 0.0,
+        teacher: str | None = None,
+        teacher_cache: bool = False,
+        distill_weight: float = 1.0,
+        distill_temperature: float = 1.0,
     ):
         super().__init__()
+        if teacher_cache and not teacher:
+            raise ValueError("teacher_cache needs teacher: the checkpoint that the cached outputs came from")
+        if not distill_temperature > 0 or not distill_weight >= 0:
+            raise ValueError(
+                f"distill_temperature must be > 0 and distill_weight >= 0, got {distill_temperature}, {distill_weight}"
+            )
         heads = [create_head(h) for h in (heads or [])]
         if not heads:
             raise ValueError("FineTuneTask needs at least one head (model.heads in the recipe)")
@@ -87,6 +111,10 @@ class FineTuneTask(L.LightningModule):
         self.metrics = nn.ModuleDict()
         self._label_columns: dict[str, list[int] | None] = {}
         self._pretrained_loaded = False
+        # The teacher sits in a plain list: not a submodule, so not in state_dict(), parameters() or the optimizer.
+        self._teacher: list[FineTuneTask] = []
+        self._distill: dict[str, dict[str, Any]] = {}  # matched head -> the teacher head's distillation_reference()
+        self._teacher_info: dict[str, Any] | None = None
         if finetune == "linear_probe":
             self.backbone.requires_grad_(False)
             self.adapter.requires_grad_(False)
@@ -124,6 +152,53 @@ class FineTuneTask(L.LightningModule):
             # weights in the backbone's native layout: the adapter folds e.g. a 12-lead first conv to k leads
             self.backbone.load_pretrained(self.hparams.pretrained, state_filter=self.adapter.adapt_state_dict)
             self._pretrained_loaded = True
+        if stage == "fit" and self.hparams.teacher and self._teacher_info is None:
+            self._setup_teacher(datamodule, specs)
+
+    def _setup_teacher(self, datamodule: Any, specs: dict[str, Any]) -> None:
+        """Load the teacher (or find its cached outputs) and pair its heads with the student's, by name."""
+        from ecgfm.zoo import sha256sum
+
+        path = Path(self.hparams.teacher)
+        if self.hparams.teacher_cache:
+            manifest = getattr(datamodule, "manifest", None)
+            if manifest is None:
+                raise TypeError("teacher_cache reads the teacher's outputs from the shards: fit with a ShardDataModule")
+            root = getattr(datamodule, "root", "")
+            record = cache_record(manifest, root)
+            if path.is_file():
+                digest = sha256sum(path)
+                if digest != record["sha256"]:
+                    raise ValueError(
+                        f"the teacher outputs cached in {root} come from {record['checkpoint']} (sha256 "
+                        f"{record['sha256'][:12]}), not from {path} (sha256 {digest[:12]}): the cache is stale; run "
+                        f"`ecgfm distill-cache --teacher {path} --root {root}` again"
+                    )
+            else:
+                warnings.warn(
+                    f"teacher checkpoint {path} not found: using the outputs cached in {root} from "
+                    f"{record['checkpoint']} without checking them against it",
+                    stacklevel=2,
+                )
+                digest = record["sha256"]
+            teachers = record["heads"]
+            matched = match_heads(self.heads, teachers, f"cached from {record['checkpoint']}")
+            missing = [teacher_target(name) for name in matched if teacher_target(name) not in specs]
+            if missing:
+                raise KeyError(f"the data does not load the cached teacher outputs {missing}: add them to data.targets")
+            self._distill = {name: teachers[name].get("reference") or {} for name in matched}
+        else:
+            teacher = load_teacher(path).to(self.device)
+            digest = sha256sum(path)
+            matched = match_heads(self.heads, {n: head_signature(h) for n, h in teacher.heads.items()}, str(path))
+            self._teacher = [teacher]
+            self._distill = {name: teacher.heads[name].distillation_reference() for name in matched}
+        self._teacher_info = {
+            "checkpoint": str(path),
+            "sha256": digest,
+            "cached": bool(self.hparams.teacher_cache),
+            "heads": matched,
+        }
 
     def _fit_head_statistics(self, datamodule: Any) -> None:
         """Heads that standardise or weight by the training split learn those constants once, before training."""
@@ -158,7 +233,20 @@ class FineTuneTask(L.LightningModule):
         if self.hparams.finetune == "linear_probe":
             self.backbone.eval()  # frozen: keep BatchNorm statistics and dropout fixed
             self.adapter.eval()
+        for teacher in getattr(self, "_teacher", ()):
+            teacher.eval()
         return self
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> FineTuneTask:
+        """``.to()``, ``.cuda()``, ``.half()``, ... move the teacher with the student (it is not a submodule)."""
+        super()._apply(fn, *args, **kwargs)
+        for teacher in getattr(self, "_teacher", ()):
+            teacher._apply(fn, *args, **kwargs)
+        return self
+
+    def on_fit_start(self) -> None:
+        for teacher in self._teacher:
+            teacher.to(self.device)
 
     # ----------------------------------------------------------------- forward
     def prepare_signal(self, signal: Tensor, lead_mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -189,8 +277,19 @@ class FineTuneTask(L.LightningModule):
             target, mask = target[:, columns], mask[:, columns]
         return target.float(), mask
 
+    def _teacher_outputs(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        """The teacher's raw outputs of the matched heads: cached in the batch, or the teacher run on the full batch."""
+        if self.hparams.teacher_cache:
+            return {name: batch["targets"][teacher_target(name)] for name in self._distill}
+        teacher = self._teacher[0]
+        teacher.eval()
+        with torch.no_grad():
+            outputs = teacher(batch["signal"], batch["lead_mask"])
+        return {name: outputs[name] for name in self._distill}
+
     def _step(self, batch: dict[str, Any], split: str) -> Tensor:
         outputs = self(batch["signal"], batch["lead_mask"])
+        teacher_outputs = self._teacher_outputs(batch) if self._distill and split in ("train", "val") else {}
         total = torch.zeros((), device=self.device)
         batch_size = batch["signal"].shape[0]
         for name, head in self.heads.items():
@@ -199,6 +298,13 @@ class FineTuneTask(L.LightningModule):
             total = total + head.loss_weight * loss
             self.log(f"{split}/{name}/loss", loss, batch_size=batch_size, on_epoch=True, on_step=False)
             head.update_metrics(self.metrics[f"{split}_{name}"], outputs[name].detach(), target, mask)
+            if name in teacher_outputs:
+                distill = head.distillation_loss(
+                    outputs[name], teacher_outputs[name], self.hparams.distill_temperature, self._distill[name]
+                )
+                self.log(f"{split}/{name}/distill_loss", distill, batch_size=batch_size, on_epoch=True, on_step=False)
+                if split == "train":
+                    total = total + self.hparams.distill_weight * distill
         self.log(
             f"{split}/loss",
             total,
@@ -288,3 +394,5 @@ class FineTuneTask(L.LightningModule):
             "preprocessing": self.preprocessing.config(),
             "heads": {name: {"target": h.target, "labels": h.labels} for name, h in self.heads.items()},
         }
+        if self._teacher_info is not None:  # provenance only: the student's weights never need the teacher
+            checkpoint["ecgfm"]["teacher"] = self._teacher_info

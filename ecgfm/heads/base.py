@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 
@@ -120,6 +121,25 @@ class Head(nn.Module, ABC):
     def fit_statistics(self, summary: TargetSummary) -> None:
         """Learn constants from the training split's per-column counts, sums and sums of squares."""
 
+    def distillation_loss(
+        self,
+        student_output: Tensor,
+        teacher_output: Tensor,
+        temperature: float = 1.0,
+        reference: dict[str, Any] | None = None,
+    ) -> Tensor:
+        """How far this head's outputs are from a teacher head's (same kind, target and labels), over every sample.
+
+        ``teacher_output`` is the teacher head's raw output (what its ``forward`` returns), labelled or not;
+        ``reference`` is the teacher head's :meth:`distillation_reference` (its output layout's constants). Each
+        kind defines it: sigmoid heads a Bernoulli KL, softmax heads a categorical KL, regressions an MSE.
+        """
+        raise NotImplementedError(f"head {self.name!r} ({self.kind}) has no distillation loss")
+
+    def distillation_reference(self) -> dict[str, Any]:
+        """Constants a student needs to read this head's raw outputs as a teacher's (regression: mean and std)."""
+        return {}
+
     def calibrate(self, metrics: MetricCollection) -> None:
         """After each validation epoch (not the sanity check): choose decision thresholds from validation results."""
 
@@ -157,3 +177,26 @@ def row_mask(mask: Tensor) -> Tensor:
 def fill_missing(target: Tensor, mask: Tensor, value: float = 0.0) -> Tensor:
     """Replace masked-out (NaN) targets with a finite value so losses stay finite; the mask removes them."""
     return torch.where(mask, target, torch.full_like(target, value))
+
+
+def sigmoid_distillation(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """Mean over elements of KL(Bernoulli(sigmoid(t / T)) || Bernoulli(sigmoid(s / T))) * T^2 (Hinton et al. 2015).
+
+    That is the BCE of the student's tempered logits against the teacher's tempered probabilities minus the
+    teacher's own entropy: the same gradient as the BCE, and 0 when the student's logits equal the teacher's.
+    """
+    t = float(temperature)
+    s, q = student_logits.float() / t, teacher_logits.detach().float() / t
+    p = torch.sigmoid(q)
+    kl = F.binary_cross_entropy_with_logits(s, p, reduction="none") - F.binary_cross_entropy_with_logits(
+        q, p, reduction="none"
+    )
+    return kl.mean() * t * t
+
+
+def softmax_distillation(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """KL(softmax(t / T) || softmax(s / T)) * T^2, summed over classes and averaged over rows (Hinton et al. 2015)."""
+    t = float(temperature)
+    log_q = F.log_softmax(student_logits.float() / t, dim=-1)
+    log_p = F.log_softmax(teacher_logits.detach().float() / t, dim=-1)
+    return F.kl_div(log_q, log_p, log_target=True, reduction="batchmean") * t * t

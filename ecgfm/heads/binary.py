@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torchmetrics import MetricCollection
 
 from ecgfm.data.shards import TargetSummary
-from ecgfm.heads.base import Head, fill_missing, masked_mean, register_head
+from ecgfm.heads.base import Head, fill_missing, masked_mean, register_head, sigmoid_distillation
 from ecgfm.metrics import BinnedScores
 
 LOSSES = ("bce", "weighted_bce", "fbeta")
@@ -121,6 +121,17 @@ class BinaryHead(Head):
         fbeta = soft_fbeta(torch.sigmoid(logits), y, known.to(logits.dtype), self.beta)
         fbeta_loss = torch.where(known.any(), 1 - fbeta, torch.zeros_like(fbeta))
         return self.fbeta_mix * fbeta_loss + (1 - self.fbeta_mix) * bce
+
+    def distillation_loss(
+        self,
+        student_output: Tensor,
+        teacher_output: Tensor,
+        temperature: float = 1.0,
+        reference: dict[str, Any] | None = None,
+    ) -> Tensor:
+        """Bernoulli KL of the tempered logit (BCE against the teacher's probability minus its entropy), times
+        T^2, averaged over samples; pos_weight and the F-beta term do not apply."""
+        return sigmoid_distillation(student_output, teacher_output, temperature)
 
     def fit_statistics(self, summary: TargetSummary) -> None:
         """``pos_weight: balanced``: negatives / positives over the training split's known labels."""

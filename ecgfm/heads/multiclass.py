@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torchmetrics import MetricCollection
 
 from ecgfm.data.shards import TargetSummary
-from ecgfm.heads.base import Head, fill_missing, register_head, row_mask
+from ecgfm.heads.base import Head, fill_missing, register_head, row_mask, softmax_distillation
 from ecgfm.metrics import BinnedScores, ConfusionCounts, confusion_statistics
 
 #: Per-class statistics of the confusion matrix, logged as ``<stat>`` (macro mean) and ``<stat>/<class>``.
@@ -105,6 +105,17 @@ class MulticlassHead(Head):
             nll = (1 - self.label_smoothing) * nll - self.label_smoothing * log_p.mean(-1)
         weight = self.class_weight[classes] * known.to(log_p.dtype)
         return (weight * nll).sum() / weight.sum().clamp(min=1e-12)
+
+    def distillation_loss(
+        self,
+        student_output: Tensor,
+        teacher_output: Tensor,
+        temperature: float = 1.0,
+        reference: dict[str, Any] | None = None,
+    ) -> Tensor:
+        """KL(softmax(teacher / T) || softmax(student / T)) * T^2 per row, averaged over rows; class weights and
+        label smoothing do not apply."""
+        return softmax_distillation(student_output, teacher_output, temperature)
 
     def fit_statistics(self, summary: TargetSummary) -> None:
         """``"balanced"``: weight_k = n / (K n_k) from the training split's one-hot column sums."""

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torchmetrics import MetricCollection
 
 from ecgfm.data.shards import TargetSummary
-from ecgfm.heads.base import Head, fill_missing, masked_mean, register_head
+from ecgfm.heads.base import Head, fill_missing, masked_mean, register_head, sigmoid_distillation
 from ecgfm.metrics import BinnedScores
 
 
@@ -151,6 +151,17 @@ class MultiLabelHead(Head):
                 output.float(), target, pos_weight=self.pos_weight, reduction="none"
             )
         return masked_mean(per_label, mask)
+
+    def distillation_loss(
+        self,
+        student_output: Tensor,
+        teacher_output: Tensor,
+        temperature: float = 1.0,
+        reference: dict[str, Any] | None = None,
+    ) -> Tensor:
+        """Per-label Bernoulli KL of the tempered logits (BCE against the teacher's probabilities minus their
+        entropy), times T^2, averaged over labels and samples; pos_weight does not apply."""
+        return sigmoid_distillation(student_output, teacher_output, temperature)
 
     def metrics(self) -> MetricCollection:
         return MetricCollection({"scores": BinnedScores(len(self.labels), bins=self.bins)})

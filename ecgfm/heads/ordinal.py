@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 
-from ecgfm.heads.base import Head, fill_missing, masked_mean, register_head, row_mask
+from ecgfm.heads.base import Head, fill_missing, masked_mean, register_head, row_mask, sigmoid_distillation
 from ecgfm.metrics import (
     ConfusionCounts,
     StoredScores,
@@ -145,6 +145,17 @@ class OrdinalHead(Head):
             return masked_mean(per_row, rows)
         weights = torch.where(rows, self.class_weights[level], torch.zeros_like(per_row))
         return (weights * per_row).sum() / weights.sum().clamp(min=1e-12)
+
+    def distillation_loss(
+        self,
+        student_output: Tensor,
+        teacher_output: Tensor,
+        temperature: float = 1.0,
+        reference: dict[str, Any] | None = None,
+    ) -> Tensor:
+        """Bernoulli KL of each of the K-1 tempered cumulative logits (P(y > k)) against the teacher's, times
+        T^2, averaged over cutpoints and samples (as the multilabel head; any link)."""
+        return sigmoid_distillation(student_output, teacher_output, temperature)
 
     # ----------------------------------------------------------------- metrics
     def metrics(self) -> MetricCollection:

@@ -147,6 +147,33 @@ class RegressionHead(Head):
             per = F.mse_loss(mean, z, reduction="none")
         return masked_mean(per, mask)
 
+    def distillation_loss(
+        self,
+        student_output: Tensor,
+        teacher_output: Tensor,
+        temperature: float = 1.0,
+        reference: dict[str, Any] | None = None,
+    ) -> Tensor:
+        """MSE between the student's standardised means and the teacher's, averaged over columns and samples.
+
+        The teacher standardised with its own training mean and sd (``reference``, its
+        :meth:`distillation_reference`); its means are put on this head's scale first,
+        ``(z_t sd_t + mean_t - mean) / sd``. Without ``reference`` both scales are taken to be the same. Only the
+        means are distilled: a ``gaussian_nll`` student learns its log-variance from the labels, and a teacher's
+        log-variance columns (if any) are ignored. ``temperature`` does not apply.
+        """
+        mean, _ = self.split_output(student_output)
+        target = teacher_output.detach().float()[:, : len(self.labels)]
+        if reference is not None and "mean" in reference:
+            t_mean = torch.as_tensor(reference["mean"], dtype=target.dtype, device=target.device)
+            t_std = torch.as_tensor(reference["std"], dtype=target.dtype, device=target.device)
+            target = (target * t_std + t_mean - self.mean) / self.std
+        return F.mse_loss(mean, target)
+
+    def distillation_reference(self) -> dict[str, Any]:
+        """The standardisation constants: ``{"mean": [...], "std": [...]}``, one per column."""
+        return {"mean": self.mean.tolist(), "std": self.std.tolist()}
+
     def metrics(self) -> MetricCollection:
         metrics: dict[str, Any] = {"errors": ColumnErrors(len(self.labels))}
         if self.predicts_uncertainty:
