@@ -11,6 +11,7 @@ checkpoint starts a k-lead model.
 from __future__ import annotations
 
 import dataclasses
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
@@ -92,7 +93,7 @@ def create_adapter(
         raise TypeError(f"adapter {name!r}: {err}") from err
 
 
-class LeadAdapter(nn.Module):
+class LeadAdapter(nn.Module, ABC):
     """Base class: maps ``x [B, k, T]`` in input-lead order (and ``lead_mask [B, k]``) to the backbone's channels.
 
     Attributes:
@@ -109,8 +110,9 @@ class LeadAdapter(nn.Module):
         self.backbone_leads: tuple[str, ...] = backbone_leads(backbone)
         self.output_leads: tuple[str, ...] = self.backbone_leads
 
+    @abstractmethod
     def forward(self, x: Tensor, lead_mask: Tensor) -> tuple[Tensor, Tensor]:
-        raise NotImplementedError
+        """Each adapter maps its input leads to the backbone's channels."""
 
     def adapt_state_dict(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
         """Turn a backbone state_dict in its native (pretrained) layout into this adapted backbone's; default as is."""

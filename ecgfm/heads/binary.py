@@ -153,15 +153,10 @@ class BinaryHead(Head):
     def update_metrics(self, metrics: MetricCollection, output: Tensor, target: Tensor, mask: Tensor) -> None:
         metrics["scores"].update(output.float().reshape(-1, 1), fill_missing(target.float(), mask), mask)
 
-    def _first_positive_bin(self, scores: BinnedScores) -> Tensor:
-        """The first bin called positive at the decision threshold (bins whose left edge >= the threshold)."""
-        edges = scores.edges().to(self.threshold.device)
-        return torch.searchsorted(edges, self.threshold.reshape(1).float(), side="left")
-
     def _counts_at_threshold(self, metrics: MetricCollection) -> dict[str, float]:
         scores = metrics["scores"]
         hist = scores.compute()[0].double()
-        first = int(self._first_positive_bin(scores).item())
+        first = int(scores.first_bin_at(self.threshold.reshape(1)).item())
         tp, fp = float(hist[0, first:].sum()), float(hist[1, first:].sum())
         positives, negatives = float(hist[0].sum()), float(hist[1].sum())
         return {"tp": tp, "fp": fp, "fn": positives - tp, "tn": negatives - fp}

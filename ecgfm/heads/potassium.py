@@ -94,38 +94,41 @@ class PotassiumHead(RegressionHead):
         truth = self.class_truth(fill_missing(target, mask))
         metrics["classes"].update(self.class_scores(prediction), truth, mask[:, :1].expand_as(truth))
 
+    def _class_results(self, metrics: MetricCollection) -> dict[str, Tensor]:
+        """Per class: cases, non-cases, AUROC, and sensitivity/specificity/PPV of calling it past the threshold."""
+        hist = metrics["classes"].compute()
+        positives, negatives = BinnedScores.totals(hist)
+        at_threshold = torch.full((len(self.classes),), self.bins // 2, device=hist.device)  # bin edge at score 0
+        sensitivity, specificity, ppv = BinnedScores.rates_at(hist, at_threshold)
+        return {
+            "cases": positives,
+            "non_cases": negatives,
+            "auroc": BinnedScores.auroc(hist),
+            "sensitivity": sensitivity,
+            "specificity": specificity,
+            "ppv": ppv,
+        }
+
     def compute_metrics(self, metrics: MetricCollection) -> dict[str, Tensor]:
         """Regression metrics, then ``auroc/<class>``, ``sensitivity/<class>``, ``specificity/<class>`` for each
         class that had cases and non-cases this epoch."""
         out = super().compute_metrics(metrics)
-        hist = metrics["classes"].compute()
-        positives, negatives = BinnedScores.totals(hist)
-        auroc = BinnedScores.auroc(hist)
-        at_threshold = torch.full((len(self.classes),), self.bins // 2, device=hist.device)  # bin edge at score 0
-        sensitivity, specificity, _ = BinnedScores.rates_at(hist, at_threshold)
+        r = self._class_results(metrics)
         for i, class_name in enumerate(self.classes):
-            if positives[i] > 0 and negatives[i] > 0:
-                out[f"auroc/{class_name}"] = auroc[i]
-                out[f"sensitivity/{class_name}"] = sensitivity[i]
-                out[f"specificity/{class_name}"] = specificity[i]
+            if r["cases"][i] > 0 and r["non_cases"][i] > 0:
+                for key in ("auroc", "sensitivity", "specificity"):
+                    out[f"{key}/{class_name}"] = r[key][i]
         return out
 
     def tables(self, metrics: MetricCollection) -> dict[str, list[dict[str, Any]]]:
-        hist = metrics["classes"].compute()
-        positives, negatives = BinnedScores.totals(hist)
-        at_threshold = torch.full((len(self.classes),), self.bins // 2, device=hist.device)
-        sensitivity, specificity, ppv = BinnedScores.rates_at(hist, at_threshold)
-        auroc = BinnedScores.auroc(hist)
+        r = self._class_results(metrics)
         rows = [
             {
                 "class": class_name,
                 "rule": f"{direction} {threshold}",
-                "cases": int(positives[i]),
-                "non_cases": int(negatives[i]),
-                "auroc": float(auroc[i]),
-                "sensitivity": float(sensitivity[i]),
-                "specificity": float(specificity[i]),
-                "ppv": float(ppv[i]),
+                "cases": int(r["cases"][i]),
+                "non_cases": int(r["non_cases"][i]),
+                **{key: float(r[key][i]) for key in ("auroc", "sensitivity", "specificity", "ppv")},
             }
             for i, (class_name, (direction, threshold)) in enumerate(self.classes.items())
         ]
