@@ -207,10 +207,12 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return _dispatch(list(sys.argv[1:] if argv is None else argv))
-    except (CheckpointError, ShardError, RecordError, LeadError, FileNotFoundError) as err:
+    except (CheckpointError, ShardError, RecordError, LeadError, FileNotFoundError, KeyError, ValueError) as err:
         if os.environ.get("ECGFM_DEBUG"):
             raise
-        print(f"ecgfm: error: {err}", file=sys.stderr)
+        # KeyError's str() quotes its message; the project's KeyErrors name the missing key, target or label
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"ecgfm: error: {message}", file=sys.stderr)
         return 1
 
 

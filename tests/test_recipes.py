@@ -115,3 +115,17 @@ def test_training_split_statistics_are_learned_once_and_kept_in_the_checkpoint(s
     reloaded = FineTuneTask.load_from_checkpoint(ckpt)
     assert bool(reloaded.heads["potassium"].statistics_fitted)
     torch.testing.assert_close(reloaded.heads["potassium"].mean, head.mean)
+
+
+def test_a_label_the_data_lacks_is_one_line_naming_it(ludb_shards, tmp_path, capsys):
+    code = run_recipe(
+        "quickstart/net1d-small.yaml",
+        ludb_shards,
+        tmp_path,
+        "--trainer.fast_dev_run=true",
+        '--model.heads=[{"class_path": "ecgfm.heads.MultiLabelHead", '
+        '"init_args": {"name": "diagnoses", "labels": ["Sinus rhythm", "Not a diagnosis"]}}]',
+    )
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "ecgfm: error: head 'diagnoses': labels ['Not a diagnosis'] are not in target 'diagnoses'" in err
