@@ -29,7 +29,8 @@ class FineTuneTask(L.LightningModule):
 
     Args:
         backbone: a registered backbone name (``ecgfm list-backbones``).
-        pretrained: path of a checkpoint in the backbone's native format (e.g. ECGFounder's ``.pth``), or None.
+        pretrained: path of a checkpoint in the backbone's native format (e.g. ECGFounder's ``.pth``), or of a
+            FineTuneTask ``.ckpt`` whose backbone starts this model (its heads are left out), or None.
         backbone_kwargs: constructor overrides for the backbone.
         heads: the heads; in YAML each is ``{class_path: ecgfm.heads.MultiLabelHead, init_args: {...}}``.
         preprocessing: name or ``{name: ..., **options}`` of the on-device preprocessing chain; None uses the

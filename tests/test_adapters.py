@@ -240,6 +240,34 @@ def test_fold_task_starts_from_a_12_lead_checkpoint_and_reloads(tmp_path):
     torch.testing.assert_close(reloaded.backbone.first_conv.conv.weight, before)
 
 
+def test_a_fine_tuned_12_lead_checkpoint_starts_a_lead_i_model(tmp_path):
+    teacher = FineTuneTask(backbone="net1d-tiny", heads=[head()], preprocessing="zscore")
+    trainer = _trainer(tmp_path)
+    trainer.validate(teacher, dataloaders=_loader())
+    ckpt = tmp_path / "teacher.ckpt"
+    trainer.save_checkpoint(ckpt)
+
+    student = FineTuneTask(
+        backbone="net1d-tiny",
+        pretrained=str(ckpt),
+        heads=[head()],
+        leads=["I"],
+        adapter="fold_first_conv",
+        preprocessing="zscore",
+    )
+    _trainer(tmp_path).validate(student, dataloaders=_loader())
+    torch.testing.assert_close(student.backbone.first_conv.conv.weight, teacher.backbone.first_conv.conv.weight[:, :1])
+    x = torch.randn(2, 1, T)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            student.backbone.eval().forward_features(x),
+            teacher.backbone.eval().forward_features(zero_filled(x, ("I",))),
+        )
+    # only the backbone comes from the checkpoint: the student's head keeps its own initialisation
+    student_head, teacher_head = student.heads["d"].state_dict(), teacher.heads["d"].state_dict()
+    assert any(not torch.equal(student_head[k], teacher_head[k]) for k in student_head if k.endswith("weight"))
+
+
 def test_lead_dropout_masks_only_in_training_and_never_every_lead():
     torch.manual_seed(0)
     dropout = LeadDropout(0.6)

@@ -268,7 +268,13 @@ class Net1D(nn.Module):
 
 
 def checkpoint_filter_fn(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Adapt a foreign state_dict: strip the ``module.``/``model.``/``backbone.`` prefixes wrappers add."""
+    """Adapt a foreign state_dict: strip the ``module.``/``model.``/``backbone.`` prefixes wrappers add.
+
+    An ecgfm FineTuneTask checkpoint (``backbone.*`` beside ``heads.*``) gives its backbone only, so a fine-tuned
+    model (e.g. a 12-lead teacher) can start another: its heads and lead adapter are left out.
+    """
+    if any(k.startswith("backbone.") for k in state_dict) and any(k.startswith("heads.") for k in state_dict):
+        state_dict = {k: v for k, v in state_dict.items() if k.startswith("backbone.")}
     out: dict[str, Tensor] = {}
     for key, value in state_dict.items():
         for prefix in ("module.", "model.", "backbone.", "net."):
