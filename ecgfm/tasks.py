@@ -101,6 +101,10 @@ class FineTuneTask(L.LightningModule):
         self.backbone = create_backbone(backbone, **(backbone_kwargs or {}))
         self.leads: tuple[str, ...] = parse_leads(list(self.backbone.input_spec.lead_names) if leads is None else leads)
         self.adapter = create_adapter(adapter, self.leads, self.backbone)  # may resize the backbone's first conv
+        # Weights the forward pass never reads (kept so released checkpoints load) are frozen: DDP then needs no
+        # find_unused_parameters, and the optimizer keeps no state for them.
+        for param in getattr(self.backbone, "parameters_unused_by_features", list)():
+            param.requires_grad_(False)
         self.lead_dropout = LeadDropout(lead_dropout)
         self.input_spec: InputSpec = self.backbone.input_spec
         self.register_buffer("input_leads", torch.tensor(lead_indices(self.leads, STANDARD_LEADS)), persistent=False)

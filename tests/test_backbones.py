@@ -202,3 +202,10 @@ def test_real_ecgfounder_checkpoint_first_logits():
         logits = model(x)[0, :5]
     expected = torch.tensor([8.3751173, -4.1527028, -6.7856750, -2.8647900, 4.4135675])
     torch.testing.assert_close(logits, expected, atol=1e-3, rtol=1e-4)
+
+
+def test_parameters_unused_by_features_are_exactly_those_without_a_gradient():
+    model = ecgfm.create_backbone("net1d-tiny").train()
+    model.forward_features(torch.randn(2, 12, 5000)).sum().backward()
+    without_grad = {id(p) for p in model.parameters() if p.grad is None}
+    assert without_grad and without_grad == {id(p) for p in model.parameters_unused_by_features()}

@@ -43,19 +43,19 @@ EXPECTED = {
     "ddp": {
         "trainer.accelerator": "gpu",
         "trainer.devices": "auto",
-        "trainer.strategy": "ddp_find_unused_parameters_true",
+        "trainer.strategy": "ddp",
     },
     "ddp-cpu": {
         "trainer.accelerator": "cpu",
         "trainer.devices": 2,
         "trainer.strategy.class_path": "lightning.pytorch.strategies.DDPStrategy",
         "trainer.strategy.init_args.process_group_backend": "gloo",
-        "trainer.strategy.init_args.find_unused_parameters": True,
+        "trainer.strategy.init_args.find_unused_parameters": False,
     },
     "multi-node": {
         "trainer.accelerator": "gpu",
         "trainer.num_nodes": 2,
-        "trainer.strategy": "ddp_find_unused_parameters_true",
+        "trainer.strategy": "ddp",
     },
     "fsdp": {
         "trainer.accelerator": "gpu",

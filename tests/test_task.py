@@ -208,3 +208,12 @@ def test_predict_every_segment_of_an_unsplit_folder(shared_data, tmp_path):
     ids = [rid for batch in batches for rid in batch["record_id"]]
     assert ids == ["s0010_re"] * 3
     assert batches[0]["diagnoses/p_a"].shape == (2,)
+
+
+def test_weights_the_forward_pass_never_reads_are_frozen():
+    from ecgfm.heads import MultiLabelHead
+    from ecgfm.tasks import FineTuneTask
+
+    task = FineTuneTask(backbone="net1d-tiny", heads=[MultiLabelHead(name="d", labels=["a"])], preprocessing="zscore")
+    frozen = {id(p) for p in task.parameters() if not p.requires_grad}
+    assert frozen == {id(p) for p in task.backbone.parameters_unused_by_features()}

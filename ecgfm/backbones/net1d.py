@@ -244,6 +244,15 @@ class Net1D(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.dense(self.forward_features(x))
 
+    def parameters_unused_by_features(self) -> list[nn.Parameter]:
+        """Weights that :meth:`forward_features` never reads: the classifier ``dense`` and, with ``use_bn=False``
+        (ECGFounder's setting), every BatchNorm. They stay so released checkpoints load strictly; a task freezes
+        them, so DDP finds no parameter without a gradient."""
+        unused = list(self.dense.parameters())
+        if not self.use_bn:
+            unused += [p for m in self.modules() if isinstance(m, nn.BatchNorm1d) for p in m.parameters()]
+        return unused
+
     def reset_classifier(self, num_classes: int) -> None:
         """Replace ``dense`` with a fresh Linear(num_features -> num_classes)."""
         self.dense = nn.Linear(self.num_features, num_classes)
