@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import warnings
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -58,6 +60,8 @@ class ShardDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.root = Path(root)
         self.datasets: dict[str, ShardDataset] = {}
+        self._train_sampler: ShardSampler | None = None
+        self._train_order_to_load: dict[str, Any] | None = None
 
     @cached_property
     def manifest(self) -> Manifest:
@@ -99,6 +103,34 @@ class ShardDataModule(L.LightningDataModule):
         for split, idx in self.split_indices().items():
             self.datasets[split] = ShardDataset(self.root, idx, targets=list(self.target_specs))
 
+    def state_dict(self) -> dict[str, Any]:
+        """Where the training order stands, saved in every checkpoint (also SLURM's) for a mid-epoch resume.
+
+        The count is of batches Lightning will treat as done when it restores this checkpoint, not of batches
+        the loader handed out (it fetches ahead): those it finished, plus the one whose ``on_train_batch_end`` is
+        running (where step-triggered checkpoints are saved), which Lightning then counts as finished too. Every
+        rank consumes the same number of segments of its own part, so rank 0's state serves all ranks.
+        """
+        sampler, trainer = self._train_sampler, self.trainer
+        if sampler is None or trainer is None:
+            return {}
+        current = trainer.fit_loop.epoch_loop.batch_progress.current
+        in_batch_end = current.ready == current.started == current.processed == current.completed + 1
+        batches = current.completed + int(in_batch_end)
+        if batches >= trainer.num_training_batches:  # the epoch is over: the next one starts from its beginning
+            state = sampler.state_dict(consumed=0)
+            state["epoch"] += 1
+        else:
+            state = sampler.state_dict(consumed=batches * self.hparams.batch_size)
+        return {"train_order": state}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Keep the saved training order for ``train_dataloader``, which Lightning calls after restoring."""
+        self._train_order_to_load = state_dict.get("train_order")
+        # ShardLoader is not "stateful" to Lightning (this datamodule restores the order), so its warning that a
+        # mid-epoch resume repeats data does not apply
+        warnings.filterwarnings("ignore", message=".*ended before the epoch ended and your dataloader is not resumable")
+
     def _loader(self, split: str, shuffle: bool) -> ShardLoader:
         hp = self.hparams
         dataset = self.datasets[split]
@@ -125,7 +157,12 @@ class ShardDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> ShardLoader:
-        return self._loader("train", shuffle=True)
+        loader = self._loader("train", shuffle=True)
+        self._train_sampler = loader.sampler
+        if self._train_order_to_load is not None:
+            loader.sampler.load_state_dict(self._train_order_to_load)
+            self._train_order_to_load = None
+        return loader
 
     def val_dataloader(self) -> ShardLoader:
         return self._loader("val", shuffle=False)

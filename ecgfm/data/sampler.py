@@ -84,7 +84,9 @@ class ShardSampler(DistributedSampler):
         return iter(order.tolist())
 
     def __len__(self) -> int:
-        return self.num_samples - self._start
+        # The whole epoch, also when resumed in its middle: Lightning counts a resumed epoch's batches from the
+        # saved batch index up to this length, so the iterator then yields only the rest.
+        return self.num_samples
 
     def state_dict(self, consumed: int) -> dict[str, Any]:
         """What resuming needs after ``consumed`` segments of the current epoch went to training."""
@@ -98,4 +100,4 @@ class ShardSampler(DistributedSampler):
                 f"now seed {self.seed} on {self.num_replicas}"
             )
         self.epoch = int(state["epoch"])
-        self._start = int(state["consumed"])
+        self._start = min(int(state["consumed"]), self.num_samples)

@@ -1,0 +1,165 @@
+"""Checkpoints that are never half-written, and a ``last.ckpt`` kept current for resuming a killed run.
+
+A job can be killed at any instant (preemption, time limit, node failure). A checkpoint is therefore written to a
+temporary file in the same folder, flushed to disk and renamed over the old one: the rename is atomic, so the path
+holds either the previous complete checkpoint or the new complete one. The temporary names (``.partial-*.tmp``)
+neither end in ``.ckpt`` nor contain ``hpc_ckpt_``, so neither Lightning's ``last``/``hpc`` lookups nor a glob for
+checkpoints ever pick one up; a SIGKILL can leave one behind, and the next run removes it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+PARTIAL_PREFIX = ".partial-"
+PARTIAL_SUFFIX = ".tmp"
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save(obj, path)`` through a temporary file, fsync and rename: ``path`` is never seen half-written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f"{PARTIAL_PREFIX}{secrets.token_hex(8)}{PARTIAL_SUFFIX}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # 0o666 & ~umask, like an ordinary file
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    _fsync_folder(path.parent)  # the rename itself survives a power loss only once the folder is on disk
+
+
+def _fsync_folder(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems do not fsync folders; the rename is still atomic
+    finally:
+        os.close(fd)
+
+
+def remove_partial_files(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files a killed writer left in ``folder`` (call before anything writes there)."""
+    removed = []
+    for path in Path(folder).glob(f"{PARTIAL_PREFIX}*{PARTIAL_SUFFIX}"):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            removed.append(path)
+    return removed
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, atomic on local disks (``ecgfm fit`` installs it unless a recipe sets another).
+
+    Everything Lightning saves goes through the strategy's CheckpointIO: ModelCheckpoint files, ``last.ckpt``,
+    ``trainer.save_checkpoint`` and the ``hpc_ckpt_N.ckpt`` written on SLURM's requeue signal. Remote paths
+    (``s3://...``) keep Lightning's own writer.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None or not _is_local_file_protocol(path):
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        atomic_save(checkpoint, path)
+
+
+class ResumableCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint that also keeps ``<dirpath>/last.ckpt`` current, for resuming a killed run.
+
+    ``last.ckpt`` is written every ``save_last_every_n_steps`` optimizer steps, at the end of every training epoch
+    (after validation) and when SIGTERM stops training (Lightning then ends after the current batch); ``ecgfm fit``
+    resumes from it when the same command runs again. The monitored checkpoints (``monitor``, ``mode``,
+    ``save_top_k``, ``filename``) are ModelCheckpoint's, saved after validation as before; ``save_top_k=0`` keeps
+    only ``last.ckpt``. One callback for both, so ``trainer.checkpoint_callback`` has the best and the last path.
+    Files are replaced in place (no ``-v1`` copies), and checkpoints hold the full training state.
+
+    Args:
+        dirpath: where checkpoints go; default ``<log dir>/checkpoints``, as ModelCheckpoint's.
+        filename: name pattern of the monitored checkpoints, e.g. ``best-{epoch:02d}``.
+        monitor, mode, save_top_k: which checkpoints besides ``last.ckpt`` to keep (ModelCheckpoint's meaning).
+        save_last_every_n_steps: optimizer steps between two ``last.ckpt`` saves within an epoch.
+    """
+
+    def __init__(
+        self,
+        dirpath: str | None = None,
+        filename: str | None = None,
+        monitor: str | None = None,
+        mode: str = "min",
+        save_top_k: int = 1,
+        save_last_every_n_steps: int = 500,
+        verbose: bool = False,
+    ):
+        if save_last_every_n_steps < 1:
+            raise ValueError(
+                f"ResumableCheckpoint: save_last_every_n_steps must be 1 or more, not {save_last_every_n_steps}"
+            )
+        super().__init__(
+            dirpath=dirpath,
+            filename=filename,
+            monitor=monitor,
+            mode=mode,
+            save_top_k=save_top_k,
+            save_last=True,
+            verbose=verbose,
+            enable_version_counter=False,  # a resumed run replaces its files instead of adding -v1 copies
+        )
+        self.save_last_every_n_steps = save_last_every_n_steps
+        self._last_writes = 0
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if trainer.is_global_zero and stage == "fit" and self.dirpath and _is_local_file_protocol(self.dirpath):
+            remove_partial_files(self.dirpath)
+
+    def _save_last_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict[str, Any]) -> None:
+        super()._save_last_checkpoint(trainer, monitor_candidates)
+        self._last_writes += 1
+        for logger in trainer.loggers:  # e.g. CSVLogger keeps 100 steps in memory: a killed run would lose them
+            logger.save()
+
+    def _saving_allowed(self, trainer: L.Trainer) -> bool:
+        from lightning.pytorch.trainer.states import TrainerFn
+
+        return not trainer.fast_dev_run and trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any, **kwargs: Any) -> None:
+        super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
+        step = trainer.global_step
+        # once per step: with gradient accumulation the batches after an optimizer step still show its number
+        if step and step % self.save_last_every_n_steps == 0 and step != self._last_global_step_saved:
+            if self._saving_allowed(trainer):
+                self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # ModelCheckpoint writes last.ckpt here only beside a monitored save; this always does, and replaces a
+        # step-triggered save of the same step: the state after validation is the cleaner one to resume from.
+        writes = self._last_writes
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._last_writes == writes and self._saving_allowed(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        """SIGTERM (a preemption notice outside SLURM's requeue) stops Lightning after a batch: save that state."""
+        if isinstance(exception, SIGTERMException) and self._saving_allowed(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
