@@ -3,11 +3,15 @@
 1. ``ecgfm synth``-style shards (``n_segments``) under ``out/shards`` (reused when already there);
 2. a 12-lead teacher: ``ecgfm fit --config recipes/potassium/net1d-small.yaml`` with net1d-tiny,
    ``teacher_epochs`` epochs; its test MAE from the checkpoint that is best on validation MAE;
-3. for each seed, a lead-I student (``leads: [I]``, ``adapter: fold_first_conv``) trained ``student_epochs`` epochs
+3. with ``label_fraction`` < 1, a copy of the shards in which only that fraction of the segments keeps its
+   potassium label (the rest are missing, as in a registry where few ECGs have a lab draw); the teacher's cached
+   outputs stay on every segment;
+4. for each seed, a lead-I student (``leads: [I]``, ``adapter: fold_first_conv``) trained ``student_epochs`` epochs
    without and with the teacher (``model.teacher``; with ``cache`` (the default) the teacher's outputs are stored in
-   the shards first by ``ecgfm distill-cache`` and read with ``model.teacher_cache``), each tested from its best
-   checkpoint;
-4. a table of test MAE (mmol/L) per seed, and mean +- sd, also written to ``out/results.json``.
+   the shards first by ``ecgfm distill-cache`` and read with ``model.teacher_cache``), each tested on the fully
+   labelled shards from its best checkpoint; ``student_init: teacher`` starts both students from the teacher's
+   backbone (its first convolution folded to lead I), as a lead-I model starts from a 12-lead foundation model;
+5. a table of test MAE (mmol/L) per seed, and mean +- sd, also written to ``out/results.json``.
 
 The defaults (3,000 segments, z-score preprocessing in place of the recipe's ECGFounder filter chain, which costs
 more than net1d-tiny itself on a CPU) take about 10-15 minutes on 2 CPU cores. Run it as
@@ -17,6 +21,7 @@ more than net1d-tiny itself on a CPU) take about 10-15 minutes on 2 CPU cores. R
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
 import sys
 import time
@@ -44,22 +49,51 @@ def _run(command: str, out: Path, name: str, args: list[str]) -> Any:
     )
 
 
-def _fit_and_test(out: Path, name: str, args: list[str]) -> dict[str, float]:
+def _fit_and_test(out: Path, name: str, args: list[str], test_args: list[str] = ()) -> dict[str, Any]:
     """Fit, then test the checkpoint that is best on validation MAE; returns test metrics and seconds taken."""
     start = time.perf_counter()
     cli = _run("fit", out, name, args)
     best = cli.trainer.checkpoint_callback.best_model_path or cli.trainer.checkpoint_callback.last_model_path
-    tested = _run("test", out, name, [*args, f"--ckpt_path={best}"])
+    return _test(out, name, [*args, *test_args], best, start)
+
+
+def _test(out: Path, name: str, args: list[str], checkpoint: str, start: float | None = None) -> dict[str, Any]:
+    start = time.perf_counter() if start is None else start
+    tested = _run("test", out, name, [*args, f"--ckpt_path={checkpoint}"])
     metrics = tested.trainer.callback_metrics
     result = {
         "test_mae": float(metrics["test/potassium/mae"]),
         "test_mae_of_mean": float(metrics["test/potassium/mae_mean"]),
         "test_pearson": float(metrics["test/potassium/pearson"]),
         "seconds": time.perf_counter() - start,
-        "checkpoint": best,
+        "checkpoint": str(checkpoint),
     }
     print(f"{name}: test MAE {result['test_mae']:.4f} mmol/L ({result['seconds']:.0f} s)", flush=True)
     return result
+
+
+def _keep_labels(shards: Path, out: Path, fraction: float, target: str = "potassium", seed: int = 0) -> Path:
+    """A copy of ``shards`` where a random ``fraction`` of the segments keeps its ``target`` label (NaN elsewhere)."""
+    import h5py
+    import numpy as np
+
+    from ecgfm.data.shards import Manifest
+    from ecgfm.zoo import sha256sum
+
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(shards, out)
+    manifest = Manifest.load(out)
+    rng = np.random.default_rng(seed)
+    for entry in manifest.shards:
+        path = out / entry["path"]
+        with h5py.File(path, "r+") as f:
+            values = f["targets"][target][:]
+            values[rng.random(len(values)) >= fraction] = np.nan
+            f["targets"][target][:] = values
+        if "sha256" in entry:
+            entry["sha256"] = sha256sum(path)
+    manifest.save(out)
+    return out
 
 
 def _summary(values: list[float]) -> str:
@@ -81,6 +115,9 @@ def run_distillation_benchmark(
     distill_temperature: float = 1.0,
     cache: bool = True,
     lr: float = 0.003,
+    label_fraction: float = 1.0,
+    student_init: str = "scratch",
+    teacher: str | None = None,
 ) -> dict[str, Any]:
     """Lead-I students with and without a 12-lead teacher on synthetic potassium: test MAE per seed.
 
@@ -96,11 +133,18 @@ def run_distillation_benchmark(
         cache: store the teacher's outputs in the shards once (``ecgfm distill-cache``) instead of running the
             teacher beside each student (``--cache false``: on the fly, same losses, about 1.5x the student time).
         lr: learning rate of every run.
+        label_fraction: the fraction of segments whose potassium label the students see (the teacher sees all).
+        student_init: ``scratch`` (random weights) or ``teacher`` (the teacher's backbone, first conv folded).
+        teacher: a teacher checkpoint from an earlier run on the same shards (skips training the teacher).
     """
     from ecgfm.data.shards import Manifest
     from ecgfm.data.synthetic import write_synthetic_shards
     from ecgfm.distillation import cache_teacher_outputs
 
+    if not 0 < label_fraction <= 1:
+        raise ValueError(f"label_fraction must be in (0, 1], got {label_fraction}")
+    if student_init not in ("scratch", "teacher"):
+        raise ValueError(f"student_init must be 'scratch' or 'teacher', got {student_init!r}")
     seeds = [0, 1, 2] if seeds is None else list(seeds)
     root = Path(out).resolve()
     shards = root / "shards"
@@ -117,33 +161,37 @@ def run_distillation_benchmark(
         f"--model.preprocessing={preprocessing}",
         f"--model.lr={lr}",
     ]
-    teacher = _fit_and_test(
-        root, "teacher-12lead", [*common, "--seed_everything=0", f"--trainer.max_epochs={teacher_epochs}"]
-    )
+    teacher_args = [*common, "--seed_everything=0", f"--trainer.max_epochs={teacher_epochs}"]
+    if teacher is None:
+        teacher_run = _fit_and_test(root, "teacher-12lead", teacher_args)
+    else:
+        teacher_run = _test(root, "teacher-12lead", teacher_args, teacher)
     if cache:
-        cache_teacher_outputs(teacher["checkpoint"], str(shards), batch_size=batch_size)
+        cache_teacher_outputs(teacher_run["checkpoint"], str(shards), batch_size=batch_size)
+    train_shards = shards if label_fraction == 1 else _keep_labels(shards, root / "shards-few-labels", label_fraction)
     student = [
         *common,
+        f"--data.root={train_shards}",
         "--model.leads=[I]",
         "--model.adapter=fold_first_conv",
         f"--trainer.max_epochs={student_epochs}",
     ]
+    if student_init == "teacher":
+        student.append(f"--model.pretrained={teacher_run['checkpoint']}")
+    tested_on = [f"--data.root={shards}"]
     distill = [
-        f"--model.teacher={teacher['checkpoint']}",
+        f"--model.teacher={teacher_run['checkpoint']}",
         f"--model.teacher_cache={str(cache).lower()}",
         f"--model.distill_weight={distill_weight}",
         f"--model.distill_temperature={distill_temperature}",
     ]
     runs: dict[str, list[dict[str, Any]]] = {"plain": [], "distilled": []}
     for seed in seeds:
-        runs["plain"].append(
-            _fit_and_test(root, f"student-I-plain-seed{seed}", [*student, f"--seed_everything={seed}"])
-        )
-        runs["distilled"].append(
-            _fit_and_test(root, f"student-I-distilled-seed{seed}", [*student, *distill, f"--seed_everything={seed}"])
-        )
+        args = [*student, f"--seed_everything={seed}"]
+        runs["plain"].append(_fit_and_test(root, f"student-I-plain-seed{seed}", args, tested_on))
+        runs["distilled"].append(_fit_and_test(root, f"student-I-distilled-seed{seed}", [*args, *distill], tested_on))
 
-    results: dict[str, Any] = {"teacher": teacher, "students": runs, "seeds": seeds}
+    results: dict[str, Any] = {"teacher": teacher_run, "students": runs, "seeds": seeds}
     results["settings"] = {
         "n_segments": n_segments,
         "teacher_epochs": teacher_epochs,
@@ -155,11 +203,14 @@ def run_distillation_benchmark(
         "distill_temperature": distill_temperature,
         "cache": cache,
         "lr": lr,
+        "label_fraction": label_fraction,
+        "student_init": student_init,
     }
     (root / "results.json").write_text(json.dumps(results, indent=2))
     print("\ntest MAE, mmol/L (best checkpoint on validation MAE)")
-    mean_mae = teacher["test_mae_of_mean"]
-    print(f"  12-lead teacher             {teacher['test_mae']:.4f}  (predicting the mean: {mean_mae:.4f})")
+    mean_mae = teacher_run["test_mae_of_mean"]
+    print(f"  12-lead teacher             {teacher_run['test_mae']:.4f}  (predicting the mean: {mean_mae:.4f})")
+    print(f"  students: {label_fraction:.0%} of the labels, {student_init} start, {student_epochs} epochs")
     print("  seed  lead-I plain  lead-I distilled")
     for seed, plain, distilled in zip(seeds, runs["plain"], runs["distilled"], strict=True):
         print(f"  {seed:>4}  {plain['test_mae']:>12.4f}  {distilled['test_mae']:>16.4f}")
