@@ -9,63 +9,15 @@ checkpoints ever pick one up; a SIGKILL can leave one behind, and the next run r
 
 from __future__ import annotations
 
-import contextlib
-import os
-import secrets
-from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-PARTIAL_PREFIX = ".partial-"
-PARTIAL_SUFFIX = ".tmp"
-
-
-def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save(obj, path)`` through a temporary file, fsync and rename: ``path`` is never seen half-written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f"{PARTIAL_PREFIX}{secrets.token_hex(8)}{PARTIAL_SUFFIX}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # 0o666 & ~umask, like an ordinary file
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    _fsync_folder(path.parent)  # the rename itself survives a power loss only once the folder is on disk
-
-
-def _fsync_folder(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some file systems do not fsync folders; the rename is still atomic
-    finally:
-        os.close(fd)
-
-
-def remove_partial_files(folder: str | os.PathLike) -> list[Path]:
-    """Delete the temporary files a killed writer left in ``folder`` (call before anything writes there)."""
-    removed = []
-    for path in Path(folder).glob(f"{PARTIAL_PREFIX}*{PARTIAL_SUFFIX}"):
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-            removed.append(path)
-    return removed
+from ecgfm.io import atomic_save_torch, remove_partial_files
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -80,7 +32,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None or not _is_local_file_protocol(path):
             super().save_checkpoint(checkpoint, path, storage_options)
             return
-        atomic_save(checkpoint, path)
+        atomic_save_torch(checkpoint, path)
 
 
 class ResumableCheckpoint(ModelCheckpoint):

@@ -1,4 +1,7 @@
-"""Canonical 12-lead names, aliases and lead subsets: leads are always chosen by name, never by index."""
+"""Canonical 12-lead names, aliases and lead subsets, and the standard rate, length and lead order, defined once.
+
+Leads are always chosen by name, never by index.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +9,10 @@ from collections.abc import Iterable, Sequence
 
 #: ECGFounder's lead order; every signal tensor in ecgfm uses it.
 STANDARD_LEADS: tuple[str, ...] = ("I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6")
+#: Sampling rate of the shards (Hz) and of the models that read them, unless a model's contract says otherwise.
+STANDARD_FS: float = 500.0
+#: Samples per segment: 10 s at ``STANDARD_FS``.
+STANDARD_N_SAMPLES: int = 5000
 
 #: Named subsets users ask for (handheld devices, 6-lead limb devices, ...).
 LEAD_SUBSETS: dict[str, tuple[str, ...]] = {

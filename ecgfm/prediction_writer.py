@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-import csv
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter
+
+from ecgfm.io import atomic_write_csv
 
 
 class PredictionCSVWriter(BasePredictionWriter):
@@ -29,13 +31,11 @@ class PredictionCSVWriter(BasePredictionWriter):
         path = Path(self.output) if self.output else Path(log_dir) / "predictions.csv"
         if trainer.world_size > 1:
             path = path.with_name(f"{path.stem}-rank{trainer.global_rank}{path.suffix}")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(columns)
-            for batch in batches:
-                values = [batch[c] if isinstance(batch[c], list) else batch[c].tolist() for c in columns]
-                writer.writerows(zip(*values, strict=True))
-        tmp.replace(path)
-        self.path = path
+        self.path = atomic_write_csv(path, columns, _rows(batches, columns))
+
+
+def _rows(batches: list[dict[str, Any]], columns: list[str]) -> Iterator[tuple]:
+    """One row per segment, batch by batch (a tensor column becomes a list first)."""
+    for batch in batches:
+        values = [batch[c] if isinstance(batch[c], list) else batch[c].tolist() for c in columns]
+        yield from zip(*values, strict=True)

@@ -38,7 +38,7 @@ import lightning as L
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import Callback
 
-from ecgfm.checkpointing import remove_partial_files
+from ecgfm.io import atomic_write_json, remove_partial_files
 
 RECORD = "ecgfm-run.json"
 HANDOFF_ENV = "ECGFM_RUN_PLAN"  # rank 0's decision, for the DDP processes Lightning starts (they re-run the command)
@@ -288,8 +288,6 @@ class RunRecord(Callback):
         self.resumed_from = resumed_from
 
     def _write(self, finished: bool, trainer: L.Trainer) -> None:
-        from ecgfm.data.shards import atomic_write_text
-
         record = {
             "fingerprint": self.fingerprint,
             "finished": finished,
@@ -300,8 +298,7 @@ class RunRecord(Callback):
             "resumed_from": self.resumed_from,
             "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.run_dir / RECORD, json.dumps(record, indent=1) + "\n")
+        atomic_write_json(self.run_dir / RECORD, record, indent=1)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit" and trainer.is_global_zero:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 
-ZOO_MANIFEST = Path(__file__).resolve().parents[1] / "checkpoints" / "zoo.json"
+from ecgfm.io import sha256sum
+from ecgfm.resources import zoo_manifest
+
+ZOO_MANIFEST = zoo_manifest()  # checkpoints/zoo.json in a source checkout, ecgfm/_checkpoints/ in a wheel
 
 
 def weights_dirs() -> list[Path]:
@@ -21,14 +23,6 @@ def weights_dirs() -> list[Path]:
 def zoo_entries() -> dict[str, dict]:
     """The model cards of checkpoints/zoo.json (empty when the file is not shipped)."""
     return json.loads(ZOO_MANIFEST.read_text()) if ZOO_MANIFEST.is_file() else {}
-
-
-def sha256sum(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def resolve_weights(name: str) -> Path:

@@ -24,7 +24,8 @@ from lightning.pytorch.demos.boring_classes import BoringModel
 from test_distributed import trained_sequence  # the runs here log their batches with test_distributed.SampleLog
 
 from ecgfm import checkpointing
-from ecgfm.checkpointing import AtomicCheckpointIO, ResumableCheckpoint, atomic_save, remove_partial_files
+from ecgfm.checkpointing import AtomicCheckpointIO, ResumableCheckpoint
+from ecgfm.io import PARTIAL_PREFIX, PARTIAL_SUFFIX, atomic_save_torch, remove_partial_files
 from ecgfm.resume import (
     HANDOFF_ENV,
     RECORD,
@@ -42,12 +43,12 @@ TIMEOUT = 300
 
 # ----------------------------------------------------------------------------------------------- the atomic writer
 def partial_files(folder: Path) -> list[Path]:
-    return list(folder.rglob(f"{checkpointing.PARTIAL_PREFIX}*"))
+    return list(folder.rglob(f"{PARTIAL_PREFIX}*"))
 
 
 def test_a_failed_write_leaves_the_old_checkpoint_and_no_temporary_file(tmp_path, monkeypatch):
     path = tmp_path / "ckpts" / "last.ckpt"
-    atomic_save({"global_step": 1}, path)
+    atomic_save_torch({"global_step": 1}, path)
     assert torch.load(path, weights_only=True) == {"global_step": 1}
     assert (path.stat().st_mode & 0o777) == 0o666 & ~_umask()  # an ordinary file, not mkstemp's 0600
 
@@ -56,22 +57,22 @@ def test_a_failed_write_leaves_the_old_checkpoint_and_no_temporary_file(tmp_path
         f.flush()
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(checkpointing.torch, "save", dies_half_way)
+    monkeypatch.setattr(torch, "save", dies_half_way)
     with pytest.raises(OSError, match="No space left"):
-        atomic_save({"global_step": 2}, path)
+        atomic_save_torch({"global_step": 2}, path)
     monkeypatch.undo()
     assert torch.load(path, weights_only=True) == {"global_step": 1}
     assert not partial_files(tmp_path)
 
-    monkeypatch.setattr(checkpointing.os, "replace", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
-        atomic_save({"global_step": 3}, path)
+        atomic_save_torch({"global_step": 3}, path)
     monkeypatch.undo()
     assert torch.load(path, weights_only=True) == {"global_step": 1}
     assert not partial_files(tmp_path)
 
     # what a SIGKILL during a write leaves behind: the next run removes it, and nothing mistakes it for a checkpoint
-    leftover = path.parent / f"{checkpointing.PARTIAL_PREFIX}0123abcd{checkpointing.PARTIAL_SUFFIX}"
+    leftover = path.parent / f"{PARTIAL_PREFIX}0123abcd{PARTIAL_SUFFIX}"
     leftover.write_bytes(b"PK\x03\x04")
     assert not leftover.match("*.ckpt") and "hpc_ckpt_" not in leftover.name
     assert remove_partial_files(path.parent) == [leftover] and not partial_files(tmp_path)
@@ -85,8 +86,13 @@ def _umask() -> int:
 
 def test_lightning_checkpoints_and_slurm_hpc_checkpoints_go_through_the_atomic_writer(tmp_path, monkeypatch):
     written = []
-    real = checkpointing.atomic_save
-    monkeypatch.setattr(checkpointing, "atomic_save", lambda obj, path: (written.append(Path(path)), real(obj, path)))
+    real = checkpointing.atomic_save_torch
+
+    def spy(obj, path):
+        written.append(Path(path))
+        return real(obj, path)
+
+    monkeypatch.setattr(checkpointing, "atomic_save_torch", spy)
     trainer = L.Trainer(
         default_root_dir=tmp_path,
         max_steps=3,
@@ -216,7 +222,7 @@ def test_a_named_run_wandb_ids_and_the_ddp_hand_off(tmp_path, monkeypatch):
 
 
 def test_ecgfm_fit_writes_atomically_and_a_finished_run_is_not_resumed(synthetic_shards, tmp_path, monkeypatch):
-    from ecgfm.cli import run_lightning
+    from ecgfm.commands.lightning import run_lightning
 
     monkeypatch.chdir(tmp_path)
     args = [

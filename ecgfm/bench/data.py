@@ -17,7 +17,10 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-SEGMENT_BYTES = 12 * 5000 * 2
+from ecgfm.io import atomic_write, atomic_write_json
+from ecgfm.leads import STANDARD_FS, STANDARD_LEADS, STANDARD_N_SAMPLES
+
+SEGMENT_BYTES = len(STANDARD_LEADS) * STANDARD_N_SAMPLES * np.dtype(np.int16).itemsize
 
 
 def _write_wfdb_records(folder: Path, n: int, seed: int) -> None:
@@ -25,7 +28,6 @@ def _write_wfdb_records(folder: Path, n: int, seed: int) -> None:
     import wfdb
 
     from ecgfm.data.synthetic import synthesize
-    from ecgfm.leads import STANDARD_LEADS
 
     folder.mkdir(parents=True, exist_ok=True)
     for start in range(0, n, 256):
@@ -34,7 +36,7 @@ def _write_wfdb_records(folder: Path, n: int, seed: int) -> None:
             digital = np.clip(np.rint(signal.T * 1000.0), -32767, 32767).astype(np.int16)
             wfdb.wrsamp(
                 f"rec{start + i:06d}",
-                fs=500,
+                fs=STANDARD_FS,
                 units=["mV"] * 12,
                 sig_name=list(STANDARD_LEADS),
                 d_signal=digital,
@@ -130,7 +132,8 @@ def _index_memory(workdir: Path, n_segments: int, n_shards: int) -> dict[str, An
     root.mkdir(parents=True, exist_ok=True)
     per = n_segments // n_shards
     Manifest(shards=[{"path": f"shard-{k:05d}.h5", "n_segments": per} for k in range(n_shards)]).save(root)
-    np.save(root / "patient_keys.npy", (np.arange(per * n_shards, dtype=np.uint64) // 4) * np.uint64(2654435761))
+    with atomic_write(root / "patient_keys.npy") as f:
+        np.save(f, (np.arange(per * n_shards, dtype=np.uint64) // 4) * np.uint64(2654435761))
     out = subprocess.run([sys.executable, "-c", _INDEX_PROBE, str(root)], capture_output=True, text=True, check=True)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     result["index_mib"] = (result["rss_after_kib"] - result["rss_before_kib"]) / 1024
@@ -213,5 +216,5 @@ def run_data_benchmark(
     )
     console.print(table)
     if json_out:
-        Path(json_out).write_text(json.dumps(results, indent=2))
+        atomic_write_json(json_out, results)
     return results

@@ -16,13 +16,14 @@ import subprocess
 import sys
 import time
 import warnings
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from rich.console import Console
 from rich.table import Table
+
+from ecgfm.io import atomic_write_json
 
 MISSING = 0.2  # share of (sample, label) entries without a label
 MIN_PREVALENCE, MAX_PREVALENCE = 5e-4, 0.2
@@ -372,5 +373,5 @@ def run_metrics_benchmark(
         )
     console.print(table)
     if json_out:
-        Path(json_out).write_text(json.dumps(results, indent=2))
+        atomic_write_json(json_out, results)
     return results

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import multiprocessing
-import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,19 +17,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from ecgfm.data.shards import (
-    Manifest,
-    ShardWriter,
-    TargetSpec,
-    atomic_write_text,
-    to_int16_microvolts,
-)
-from ecgfm.data.sources import Record, RecordError, get_source
-from ecgfm.leads import STANDARD_LEADS
+from ecgfm.data.shards import Manifest, ShardWriter, TargetSpec, to_int16_microvolts
+from ecgfm.data.sources import Record, RecordError
+from ecgfm.io import atomic_write, atomic_write_csv, atomic_write_json, remove_partial_files
+from ecgfm.leads import STANDARD_FS, STANDARD_LEADS, STANDARD_N_SAMPLES
+from ecgfm.registry import SOURCES
 from ecgfm.signal import resample, segment_starts
 
-FS = 500.0
-N_SAMPLES = 5000
 LABEL_SEPARATORS = (";", "\n", "|")
 
 
@@ -185,10 +177,10 @@ def cut_pieces(n_total: int, stride: int | None = None, last_piece: str = "drop"
     """(start, valid samples) of every 10-s piece; ``last_piece="pad"`` keeps a short tail, zero-padded."""
     if last_piece not in ("drop", "pad"):
         raise ValueError(f"last_piece must be 'drop' or 'pad', got {last_piece!r}")
-    stride = stride or N_SAMPLES
-    pieces = [(start, N_SAMPLES) for start in segment_starts(n_total, N_SAMPLES, stride)]
+    stride = stride or STANDARD_N_SAMPLES
+    pieces = [(start, STANDARD_N_SAMPLES) for start in segment_starts(n_total, STANDARD_N_SAMPLES, stride)]
     tail = len(pieces) * stride
-    if last_piece == "pad" and tail < n_total and (not pieces or pieces[-1][0] + N_SAMPLES < n_total):
+    if last_piece == "pad" and tail < n_total and (not pieces or pieces[-1][0] + STANDARD_N_SAMPLES < n_total):
         pieces.append((tail, n_total - tail))
     return pieces
 
@@ -226,19 +218,19 @@ def prepare_record(reader: Any, path: Path, stride: int | None, last_piece: str)
         return _Converted(path, error=f"{path}: every lead is NaN or flat")
     if masked:
         warnings.append(f"leads {' '.join(masked)} are flat or NaN: stored as missing (lead_mask 0)")
-    if record.fs != FS:
-        signal = resample(signal, record.fs, FS)
+    if record.fs != STANDARD_FS:
+        signal = resample(signal, record.fs, STANDARD_FS)
     pieces = cut_pieces(signal.shape[1], stride, last_piece)
     if not pieces:
-        seconds = signal.shape[1] / FS
+        seconds = signal.shape[1] / STANDARD_FS
         return _Converted(path, error=f"{path}: shorter than 10 s ({seconds:.2f} s at 500 Hz)")
-    if pieces[-1][1] < N_SAMPLES:
-        warnings.append(f"last piece padded: {pieces[-1][1]} real samples of {N_SAMPLES}")
+    if pieces[-1][1] < STANDARD_N_SAMPLES:
+        warnings.append(f"last piece padded: {pieces[-1][1]} real samples of {STANDARD_N_SAMPLES}")
     return _Converted(path, record, to_int16_microvolts(signal), lead_mask, pieces, warnings=warnings)
 
 
 @dataclass
-class _Job:
+class ShardJob:
     """Everything a worker needs to write one shard from a fixed slice of the sorted record list."""
 
     index: int
@@ -266,17 +258,17 @@ class _Job:
 _READERS: dict[str, Any] = {}
 
 
-def _reader_for(job: _Job) -> Any:
+def _reader_for(job: ShardJob) -> Any:
     key = f"{job.reader}:{json.dumps(job.options, sort_keys=True, default=str)}"
     if key not in _READERS:  # one reader per process (building one may read mapping tables)
-        _READERS[key] = get_source(job.reader, **job.options)
+        _READERS[key] = SOURCES.create(job.reader, **job.options)
     return _READERS[key]
 
 
-def _convert_shard(job: _Job) -> dict[str, Any]:
+def _convert_shard(job: ShardJob) -> dict[str, Any]:
     """Convert one slice of records into one shard + its sidecar JSON (runs in worker processes)."""
     reader = _reader_for(job)
-    writer = ShardWriter(job.shard_path, job.targets, fs=FS, n_samples=N_SAMPLES)
+    writer = ShardWriter(job.shard_path, job.targets, fs=STANDARD_FS, n_samples=STANDARD_N_SAMPLES)
     result: dict[str, Any] = {"fingerprint": job.fingerprint, "records": [str(p) for p in job.paths]}
     result.update(records_read=0, skipped=[], warnings=[], matched_rows=[])
     try:
@@ -301,8 +293,8 @@ def _convert_shard(job: _Job) -> dict[str, Any]:
             result["warnings"].extend((str(path), w) for w in item.warnings)
             for start, valid in item.pieces:
                 piece = item.signal[:, start : start + valid]
-                if valid < N_SAMPLES:
-                    piece = np.pad(piece, ((0, 0), (0, N_SAMPLES - valid)))
+                if valid < STANDARD_N_SAMPLES:
+                    piece = np.pad(piece, ((0, 0), (0, STANDARD_N_SAMPLES - valid)))
                 writer.append(
                     piece, item.lead_mask, record.record_id, patient or record.record_id, start, values, valid
                 )
@@ -312,11 +304,11 @@ def _convert_shard(job: _Job) -> dict[str, Any]:
         writer.abort()
         raise
     result["path"] = job.shard_path.name
-    atomic_write_text(job.sidecar_path, json.dumps(result))
+    atomic_write_json(job.sidecar_path, result, indent=None)
     return result
 
 
-def _finished(job: _Job) -> dict[str, Any] | None:
+def _finished(job: ShardJob) -> dict[str, Any] | None:
     """The sidecar of a shard finished by an earlier run with the same inputs, or None."""
     if not (job.shard_path.is_file() and job.sidecar_path.is_file()):
         return None
@@ -376,124 +368,164 @@ def convert(
             says how much is real; a record shorter than 10 s then gives one padded segment).
         workers: processes converting shards in parallel (0 = in this process).
     """
+    plan = plan_conversion(
+        source,
+        out,
+        reader=reader,
+        labels=labels,
+        record_column=record_column,
+        patient_column=patient_column,
+        multilabel=multilabel,
+        regression=regression,
+        units=units,
+        time_column=time_column,
+        max_hours=max_hours,
+        dx_mapping=dx_mapping,
+        reader_options=reader_options,
+        records_per_shard=records_per_shard,
+        stride=stride,
+        last_piece=last_piece,
+    )
+    return write_conversion_report(plan, run_conversion(plan, workers, progress))
+
+
+@dataclass
+class ConversionPlan:
+    """A conversion decided before any record is read: its inputs, targets, fingerprint and one job per shard."""
+
+    source: Path
+    out: Path
+    reader: str
+    options: dict[str, Any]  # the reader's keyword arguments
+    labels: str | None  # the label table as given, or None (the reader's own labels)
+    table: LabelTable | None
+    targets: dict[str, TargetSpec]
+    fingerprint: str  # sha256 of every setting that changes a shard: a finished shard is reused only if it matches
+    jobs: list[ShardJob]
+
+    @property
+    def n_records(self) -> int:
+        return sum(len(job.paths) for job in self.jobs)
+
+
+def plan_conversion(
+    source: str | Path,
+    out: str | Path,
+    reader: str = "wfdb",
+    labels: str | Path | None = None,
+    record_column: str = "record",
+    patient_column: str | None = None,
+    multilabel: dict[str, list[str]] | None = None,
+    regression: dict[str, list[str]] | None = None,
+    units: dict[str, str] | None = None,
+    time_column: str | None = None,
+    max_hours: float | None = None,
+    dx_mapping: list[str | Path] | None = None,
+    reader_options: dict[str, Any] | None = None,
+    records_per_shard: int = 1024,
+    stride: int | None = None,
+    last_piece: str = "drop",
+) -> ConversionPlan:
+    """Find the records, read the label table and cut the sorted record list into shard jobs; writes nothing.
+
+    The arguments are :func:`convert`'s.
+    """
     source, out = Path(source), Path(out)
     if not source.exists():
         raise FileNotFoundError(f"source folder {source} does not exist")
     if records_per_shard < 1:
         raise ValueError(f"records_per_shard must be at least 1, got {records_per_shard}")
     cut_pieces(0, stride, last_piece)  # validates last_piece early
-    out.mkdir(parents=True, exist_ok=True)
     options = dict(reader_options or {})
     if dx_mapping:
         options["dx_mapping"] = [str(p) for p in dx_mapping]
-    source_reader = get_source(reader, **options)
+    source_reader = SOURCES.create(reader, **options)
     paths = source_reader.find_records(source)
     if not paths:
         raise FileNotFoundError(f"no {reader} records found under {source}")
-
     table = None
     if labels is not None:
-        table = LabelTable.from_file(
-            labels,
-            record_column,
-            patient_column,
-            multilabel or {},
-            regression or {},
-            units or {},
-            time_column,
-            max_hours,
-        )
-        targets = table.targets
-    else:
-        targets = source_reader.target_specs(paths)
-    fingerprint = json.dumps(
-        {
-            "source": str(source),
-            "reader": reader,
-            "options": options,
-            "labels": str(labels) if labels else None,
-            "time": [time_column, max_hours],
-            "targets": {k: asdict(v) for k, v in targets.items()},
-            "stride": stride,
-            "last_piece": last_piece,
-            "records_per_shard": records_per_shard,
-        },
-        sort_keys=True,
-        default=str,
-    )
-    fingerprint = hashlib.sha256(fingerprint.encode()).hexdigest()
+        columns = (multilabel or {}, regression or {}, units or {})
+        table = LabelTable.from_file(labels, record_column, patient_column, *columns, time_column, max_hours)
+    targets = table.targets if table is not None else source_reader.target_specs(paths)
+    settings = {
+        "source": str(source),
+        "reader": reader,
+        "options": options,
+        "labels": str(labels) if labels else None,
+        "time": [time_column, max_hours],
+        "targets": {k: asdict(v) for k, v in targets.items()},
+        "stride": stride,
+        "last_piece": last_piece,
+        "records_per_shard": records_per_shard,
+    }
+    fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+    shared = dict(source=source, out=out, reader=reader, options=options, table=table, targets=targets)
+    shared.update(patient_column=patient_column, stride=stride, last_piece=last_piece, fingerprint=fingerprint)
     jobs = [
-        _Job(
-            index=k,
-            paths=paths[start : start + records_per_shard],
-            out=out,
-            source=source,
-            reader=reader,
-            options=options,
-            table=table,
-            patient_column=patient_column,
-            targets=targets,
-            stride=stride,
-            last_piece=last_piece,
-            fingerprint=fingerprint,
-        )
+        ShardJob(index=k, paths=paths[start : start + records_per_shard], **shared)
         for k, start in enumerate(range(0, len(paths), records_per_shard))
     ]
-    _remove_stale(out, len(jobs))
+    return ConversionPlan(source, out, reader, options, settings["labels"], table, targets, fingerprint, jobs)
 
-    summary = ConversionSummary(out_dir=out)
+
+def run_conversion(plan: ConversionPlan, workers: int = 0, progress: bool = True) -> dict[int, dict[str, Any]]:
+    """Write every shard of the plan that an earlier run did not finish; returns each shard's sidecar by index.
+
+    Sidecars of shards finished by an earlier run with the same inputs carry ``"reused": True``.
+    """
+    plan.out.mkdir(parents=True, exist_ok=True)
+    _remove_stale(plan.out, len(plan.jobs))
     results: dict[int, dict[str, Any]] = {}
-    pending = []
-    for job in jobs:
+    for job in plan.jobs:
         done = _finished(job)
         if done is not None:
-            results[job.index] = done
-            summary.shards_reused += 1
-        else:
-            pending.append(job)
-    by_index = {job.index: job for job in jobs}
+            results[job.index] = {**done, "reused": True}
+    pending = [job for job in plan.jobs if job.index not in results]
     pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 0 and len(pending) > 1 else None
     try:
         with _progress(progress) as bar:
-            task = bar.add_task(f"converting {source}", total=len(paths))
-            bar.advance(task, sum(len(by_index[k].paths) for k in results))
+            task = bar.add_task(f"converting {plan.source}", total=plan.n_records)
+            bar.advance(task, sum(len(plan.jobs[k].paths) for k in results))
             stream = pool.imap_unordered(_convert_shard, pending) if pool else map(_convert_shard, pending)
             for result in stream:
                 index = int(result["path"].split("-")[1].split(".")[0])
                 results[index] = result
-                bar.advance(task, len(by_index[index].paths))
+                bar.advance(task, len(plan.jobs[index].paths))
     finally:
         if pool is not None:
             pool.terminate()
+    return results
 
+
+def write_conversion_report(plan: ConversionPlan, results: dict[int, dict[str, Any]]) -> ConversionSummary:
+    """Gather the shards' sidecars into patient_keys.npy, skipped.csv, warnings.csv and, last, manifest.json."""
+    summary = ConversionSummary(out_dir=plan.out)
     manifest = Manifest(
-        targets=targets,
-        source={"path": str(source), "reader": reader, "labels": str(labels) if labels else None},
+        targets=plan.targets, source={"path": str(plan.source), "reader": plan.reader, "labels": plan.labels}
     )
     matched: set[str] = set()
-    for index in range(len(jobs)):
+    for index in range(len(plan.jobs)):
         result = results[index]
         manifest.shards.append({"path": result["path"], "n_segments": int(result["n_segments"])})
         summary.records_read += int(result["records_read"])
         summary.segments_written += int(result["n_segments"])
         summary.skipped.extend(tuple(x) for x in result["skipped"])
         summary.warnings.extend(tuple(x) for x in result["warnings"])
+        summary.shards_reused += bool(result.get("reused"))
         matched.update(result["matched_rows"])
-    if table is not None and len(matched) < len(table.rows):
-        summary.notes.append(f"{len(table.rows) - len(matched)} label-table rows have no record in {source}")
-    _write_patient_keys(out, manifest)
-    manifest.save(out)
-    for name, rows, header in (
-        ("skipped.csv", summary.skipped, ("record", "reason")),
-        ("warnings.csv", summary.warnings, ("record", "warning")),
-    ):
-        with open(out / name, "w", newline="") as f:
-            csv.writer(f).writerows([header, *rows])
+    if plan.table is not None and len(matched) < len(plan.table.rows):
+        summary.notes.append(f"{len(plan.table.rows) - len(matched)} label-table rows have no record in {plan.source}")
+    _write_patient_keys(plan.out, manifest)
+    atomic_write_csv(plan.out / "skipped.csv", ("record", "reason"), summary.skipped)
+    atomic_write_csv(plan.out / "warnings.csv", ("record", "warning"), summary.warnings)
+    manifest.save(plan.out)  # last: once it names the shards, everything beside them is in place
     return summary
 
 
 def _remove_stale(out: Path, n_jobs: int) -> None:
-    """Delete shards (and half-written temporaries) that this conversion will not produce."""
+    """Delete shards this conversion will not produce and the temporary files a killed conversion left behind."""
+    remove_partial_files(out)
     for path in out.glob("shard-*"):
         stem = path.name.split(".")[0]
         number = stem.removeprefix("shard-")
@@ -508,10 +540,8 @@ def _write_patient_keys(out: Path, manifest: Manifest) -> None:
         with h5py.File(out / shard["path"], "r") as f:
             parts.append(f["patient_key"][:])
     keys = np.concatenate(parts) if parts else np.zeros(0, np.uint64)
-    tmp = out / "patient_keys.npy.tmp"
-    with open(tmp, "wb") as f:
+    with atomic_write(out / "patient_keys.npy") as f:
         np.save(f, keys.astype(np.uint64))
-    os.replace(tmp, out / "patient_keys.npy")
 
 
 def _progress(enabled: bool) -> Progress:
@@ -524,4 +554,15 @@ def _progress(enabled: bool) -> Progress:
     )
 
 
-__all__ = ["ConversionSummary", "LabelTable", "convert", "cut_pieces", "prepare_record"]
+__all__ = [
+    "ConversionPlan",
+    "ConversionSummary",
+    "LabelTable",
+    "ShardJob",
+    "convert",
+    "cut_pieces",
+    "plan_conversion",
+    "prepare_record",
+    "run_conversion",
+    "write_conversion_report",
+]

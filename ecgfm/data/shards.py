@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,8 @@ from typing import Any
 import h5py
 import numpy as np
 
-from ecgfm.leads import STANDARD_LEADS
+from ecgfm.io import atomic_path, atomic_write_json
+from ecgfm.leads import STANDARD_FS, STANDARD_LEADS, STANDARD_N_SAMPLES
 
 SHARD_FORMAT = "ecgfm-shard"
 SHARD_VERSION = 1
@@ -84,8 +84,8 @@ class Manifest:
 
     shards: list[dict[str, Any]] = field(default_factory=list)  # {"path", "n_segments", "sha256"?}
     targets: dict[str, TargetSpec] = field(default_factory=dict)
-    fs: float = 500.0
-    n_samples: int = 5000
+    fs: float = STANDARD_FS
+    n_samples: int = STANDARD_N_SAMPLES
     lead_names: list[str] = field(default_factory=lambda: list(STANDARD_LEADS))
     format: str = SHARD_FORMAT
     version: int = SHARD_VERSION
@@ -99,8 +99,7 @@ class Manifest:
         path = Path(root) / MANIFEST_NAME
         data = asdict(self)
         data["n_segments"] = self.n_segments
-        atomic_write_text(path, json.dumps(data, indent=2))
-        return path
+        return atomic_write_json(path, data)
 
     @classmethod
     def load(cls, root: str | Path) -> Manifest:
@@ -120,12 +119,6 @@ class Manifest:
         data.pop("n_segments", None)
         data["targets"] = {k: TargetSpec(**v) for k, v in data.get("targets", {}).items()}
         return cls(**data)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def to_int16_microvolts(signal_mv: np.ndarray) -> np.ndarray:
@@ -150,13 +143,12 @@ class ShardWriter:
         self,
         path: str | Path,
         targets: dict[str, TargetSpec],
-        fs: float = 500.0,
-        n_samples: int = 5000,
+        fs: float = STANDARD_FS,
+        n_samples: int = STANDARD_N_SAMPLES,
         lead_names: tuple[str, ...] = STANDARD_LEADS,
         attrs: dict[str, Any] | None = None,
     ):
         self.path = Path(path)
-        self.tmp_path = self.path.with_name(self.path.name + ".tmp")
         self.spool_path = self.path.with_name(self.path.name + ".signal.tmp")
         self.targets = targets
         self.lead_names = tuple(lead_names)
@@ -217,38 +209,40 @@ class ShardWriter:
         return len(self._rows["record_id"])
 
     def close(self) -> Path:
-        """Write the HDF5 file, then rename it into place; returns the final path."""
+        """Write the HDF5 file under a temporary name, then rename it into place; returns the final path."""
         self._spool.close()
-        n, leads = len(self), len(self.lead_names)
-        rows = self._rows
-        with h5py.File(self.tmp_path, "w") as f:
-            f.attrs.update({**self.attrs, "n_segments": n})
-            signal = f.create_dataset("signal", (n, leads, self.n_samples), np.int16)  # contiguous: one pread each
-            spooled = np.memmap(self.spool_path, np.int16, "r", shape=(n, leads, self.n_samples)) if n else None
-            for start in range(0, n, 256):
-                signal[start : start + 256] = spooled[start : start + 256]
-            del spooled
-            f.create_dataset("lead_mask", data=np.array(rows["lead_mask"], dtype=bool).reshape(n, leads))
-            f.create_dataset("record_id", data=np.array(rows["record_id"], dtype=object), dtype=h5py.string_dtype())
-            f.create_dataset("patient_id", data=np.array(rows["patient_id"], dtype=object), dtype=h5py.string_dtype())
-            keys = np.array([patient_key(p) for p in rows["patient_id"]], dtype=np.uint64)
-            f.create_dataset("patient_key", data=keys)
-            f.create_dataset("segment_start", data=np.array(rows["segment_start"], dtype=np.int32))
-            f.create_dataset("valid_samples", data=np.array(rows["valid_samples"], dtype=np.int32))
-            group = f.create_group("targets")
-            for name, spec in self.targets.items():
-                values = np.array(self._targets[name], dtype=np.float32).reshape(n, len(spec.names))
-                dset = group.create_dataset(name, data=values)
-                dset.attrs.update({"names": spec.names, "units": spec.units, "kind": spec.kind})
+        with atomic_path(self.path) as tmp, h5py.File(tmp, "w") as f:
+            self._write_hdf5(f)
         self.spool_path.unlink(missing_ok=True)
-        os.replace(self.tmp_path, self.path)
         return self.path
 
+    def _write_hdf5(self, f: h5py.File) -> None:
+        """The datasets of docs/shard-format.md; the signal is copied from the spool 256 segments at a time."""
+        n, leads = len(self), len(self.lead_names)
+        rows = self._rows
+        f.attrs.update({**self.attrs, "n_segments": n})
+        signal = f.create_dataset("signal", (n, leads, self.n_samples), np.int16)  # contiguous: one pread each
+        spooled = np.memmap(self.spool_path, np.int16, "r", shape=(n, leads, self.n_samples)) if n else None
+        for start in range(0, n, 256):
+            signal[start : start + 256] = spooled[start : start + 256]
+        del spooled
+        f.create_dataset("lead_mask", data=np.array(rows["lead_mask"], dtype=bool).reshape(n, leads))
+        f.create_dataset("record_id", data=np.array(rows["record_id"], dtype=object), dtype=h5py.string_dtype())
+        f.create_dataset("patient_id", data=np.array(rows["patient_id"], dtype=object), dtype=h5py.string_dtype())
+        keys = np.array([patient_key(p) for p in rows["patient_id"]], dtype=np.uint64)
+        f.create_dataset("patient_key", data=keys)
+        f.create_dataset("segment_start", data=np.array(rows["segment_start"], dtype=np.int32))
+        f.create_dataset("valid_samples", data=np.array(rows["valid_samples"], dtype=np.int32))
+        group = f.create_group("targets")
+        for name, spec in self.targets.items():
+            values = np.array(self._targets[name], dtype=np.float32).reshape(n, len(spec.names))
+            dset = group.create_dataset(name, data=values)
+            dset.attrs.update({"names": spec.names, "units": spec.units, "kind": spec.kind})
+
     def abort(self) -> None:
-        """Drop the partial shard and its spool."""
+        """Drop the spool (a half-written shard is removed by ``close`` itself)."""
         self._spool.close()
         self.spool_path.unlink(missing_ok=True)
-        self.tmp_path.unlink(missing_ok=True)
 
 
 def open_shard(path: str | Path) -> h5py.File:

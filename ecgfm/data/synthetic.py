@@ -30,10 +30,8 @@ import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from ecgfm.data.shards import Manifest, ShardWriter, TargetSpec, to_int16_microvolts
-from ecgfm.leads import STANDARD_LEADS
+from ecgfm.leads import STANDARD_FS, STANDARD_LEADS, STANDARD_N_SAMPLES
 
-FS = 500.0
-N_SAMPLES = 5000
 #: Segments drawn from one set of random streams: synthesize(n) is a prefix of synthesize(m) for m > n, and the
 #: shards hold exactly what synthesize returns for the same seed.
 BLOCK = 256
@@ -345,7 +343,7 @@ def electrolyte_class(potassium: np.ndarray, sodium: np.ndarray) -> np.ndarray:
 
 
 def synthesize(
-    n: int, seed: int = 0, fs: float = FS, n_samples: int = N_SAMPLES, segments_per_patient: int = 1
+    n: int, seed: int = 0, fs: float = STANDARD_FS, n_samples: int = STANDARD_N_SAMPLES, segments_per_patient: int = 1
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """``n`` synthetic 12-lead segments (float32 mV [n, 12, T], STANDARD_LEADS order) and their ground truth.
 
@@ -423,7 +421,7 @@ def write_synthetic_shards(
         },
     )
     lead_mask = np.ones(len(STANDARD_LEADS), bool)
-    signals = np.empty((BLOCK, len(STANDARD_LEADS), N_SAMPLES), np.float32)
+    signals = np.empty((BLOCK, len(STANDARD_LEADS), STANDARD_N_SAMPLES), np.float32)
     writer: ShardWriter | None = None
     columns = TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()
     try:
@@ -431,7 +429,7 @@ def write_synthetic_shards(
             task = bar.add_task(f"synthesizing {out}", total=n_segments)
             for block, first in enumerate(range(0, n_segments, BLOCK)):
                 m = min(BLOCK, n_segments - first)
-                truth = _block(seed, block, m, FS, N_SAMPLES, segments_per_patient, signals[:m])
+                truth = _block(seed, block, m, STANDARD_FS, STANDARD_N_SAMPLES, segments_per_patient, signals[:m])
                 int16 = to_int16_microvolts(signals[:m])
                 labs = np.stack([truth[key] for key in lab_keys()], axis=1)
                 missing = np.random.default_rng([seed, _MISSING, block]).random((BLOCK, labs.shape[1]))[:m]
@@ -440,7 +438,7 @@ def write_synthetic_shards(
                 k = truth["potassium_mmol_l"]
                 for i in range(m):
                     if writer is None:
-                        writer = ShardWriter(out / f"shard-{len(manifest.shards):05d}.h5", targets, FS, N_SAMPLES)
+                        writer = ShardWriter(out / f"shard-{len(manifest.shards):05d}.h5", targets)
                     patient = int(truth["patient_index"][i])
                     visit = (first + i) % segments_per_patient
                     values = {

@@ -15,8 +15,9 @@ import h5py
 import numpy as np
 import pandas as pd
 
-from ecgfm.data.sources.base import Record, RecordError, SourceReader, map_lead_names, mv_per_unit, register_source
-from ecgfm.leads import STANDARD_LEADS
+from ecgfm.data.sources.base import Record, RecordError, SourceReader, map_lead_names, mv_per_unit
+from ecgfm.leads import STANDARD_FS, STANDARD_LEADS
+from ecgfm.registry import SOURCES
 
 ARRAY_SUFFIXES = (".npy", ".npz", ".h5", ".hdf5")
 
@@ -39,7 +40,7 @@ def split_pseudo_path(path: Path) -> tuple[Path, int]:
     return Path(file), int(index)
 
 
-@register_source("arrays")
+@SOURCES.register("arrays")
 class ArrayReader(SourceReader):
     """One record per row of a ``[N, L, T]`` array in a .npy, .npz (``signal_key``) or HDF5 file (dataset).
 
@@ -59,7 +60,7 @@ class ArrayReader(SourceReader):
         self,
         table: str,
         signal_key: str = "signal",
-        fs: float = 500.0,
+        fs: float = STANDARD_FS,
         lead_names: list[str] | None = None,
         units: str = "mV",
         record_column: str = "record",
