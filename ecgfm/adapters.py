@@ -12,57 +12,34 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable
-from typing import Any, TypeVar
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from ecgfm.captured import CapturesArguments
 from ecgfm.leads import LeadError, parse_leads
+from ecgfm.registry import ADAPTERS
 
 __all__ = [
-    "ADAPTERS",
     "FoldFirstConv",
     "Identity",
     "LeadAdapter",
     "LeadDropout",
     "Projection",
     "ZeroFill",
+    "backbone_leads",
     "create_adapter",
-    "list_adapters",
-    "register_adapter",
 ]
-
-#: Adapters by name; ``create_adapter`` looks names up here.
-ADAPTERS: dict[str, type[LeadAdapter]] = {}
-
-_A = TypeVar("_A", bound="type[LeadAdapter]")
-
-
-def register_adapter(name: str) -> Callable[[_A], _A]:
-    """Class decorator that makes an adapter buildable by ``name`` in a recipe (and sets its ``name``)."""
-
-    def add(cls: _A) -> _A:
-        if name in ADAPTERS:
-            raise ValueError(f"adapter {name!r} is already registered by {ADAPTERS[name].__name__}")
-        cls.name = name
-        ADAPTERS[name] = cls
-        return cls
-
-    return add
-
-
-def list_adapters() -> list[str]:
-    """Names of every registered adapter, sorted."""
-    return sorted(ADAPTERS)
 
 
 def backbone_leads(backbone: nn.Module) -> tuple[str, ...]:
-    """The leads a backbone reads, in its channel order (from its ``input_spec``), canonically spelled."""
-    spec = getattr(backbone, "input_spec", None)
-    if spec is None:
-        raise TypeError(f"{type(backbone).__name__} has no input_spec, so its input leads are unknown")
-    return parse_leads(list(spec.lead_names))
+    """The leads a backbone reads, in its channel order (from its model config), canonically spelled."""
+    config = getattr(backbone, "model_config", None)
+    if config is None:
+        raise TypeError(f"{type(backbone).__name__} has no model_config, so its input leads are unknown")
+    return parse_leads(list(config.input.lead_names))
 
 
 def create_adapter(
@@ -76,24 +53,10 @@ def create_adapter(
     leads = parse_leads(input_leads)
     if spec is None:
         spec = "identity" if leads == backbone_leads(backbone) else "zero_fill"
-    if isinstance(spec, str):
-        name, options = spec, {}
-    elif isinstance(spec, dict):
-        if "name" not in spec:
-            raise ValueError(f"an adapter dict needs a 'name' key, got keys {sorted(spec)}")
-        options = dict(spec)
-        name = options.pop("name")
-    else:
-        raise TypeError(f"adapter spec must be a name, a dict or None, got {type(spec).__name__}")
-    if name not in ADAPTERS:
-        raise ValueError(f"unknown adapter {name!r}; known: {', '.join(list_adapters())}")
-    try:
-        return ADAPTERS[name](leads, backbone, **options)
-    except TypeError as err:
-        raise TypeError(f"adapter {name!r}: {err}") from err
+    return ADAPTERS.create(spec, leads, backbone)
 
 
-class LeadAdapter(nn.Module, ABC):
+class LeadAdapter(CapturesArguments, nn.Module, ABC):
     """Base class: maps ``x [B, k, T]`` in input-lead order (and ``lead_mask [B, k]``) to the backbone's channels.
 
     Attributes:
@@ -103,6 +66,7 @@ class LeadAdapter(nn.Module, ABC):
     """
 
     name = "base"
+    skip_arguments = ("input_leads", "backbone")
 
     def __init__(self, input_leads: str | Iterable[str], backbone: nn.Module) -> None:
         super().__init__()
@@ -118,13 +82,9 @@ class LeadAdapter(nn.Module, ABC):
         """Turn a backbone state_dict in its native (pretrained) layout into this adapted backbone's; default as is."""
         return state
 
-    def options(self) -> dict[str, Any]:
-        """The constructor options (besides leads and backbone) that rebuild this adapter."""
-        return {}
-
     def config(self) -> dict[str, Any]:
         """``{"name": ..., **options}``, as a recipe gives it and a checkpoint stores it."""
-        return {"name": self.name, **self.options()}
+        return {"name": self.name, **self.captured_arguments()}
 
     def _check(self, x: Tensor, lead_mask: Tensor) -> None:
         k = len(self.input_leads)
@@ -156,7 +116,7 @@ def _scatter(x: Tensor, lead_mask: Tensor, slots: Tensor, n_out: int) -> tuple[T
     return out, mask
 
 
-@register_adapter("identity")
+@ADAPTERS.register("identity")
 class Identity(LeadAdapter):
     """No adapter: the input leads are the backbone's leads, in its order (the default when they are)."""
 
@@ -173,7 +133,7 @@ class Identity(LeadAdapter):
         return x, lead_mask
 
 
-@register_adapter("zero_fill")
+@ADAPTERS.register("zero_fill")
 class ZeroFill(LeadAdapter):
     """Present leads in their slots of the backbone's leads, zeros elsewhere; absent leads keep mask False.
 
@@ -186,7 +146,7 @@ class ZeroFill(LeadAdapter):
         self.register_buffer("slots", torch.tensor(self._slots()), persistent=False)
         self.missing_embedding = None
         if missing_embedding:
-            n_samples = int(backbone.input_spec.n_samples)
+            n_samples = int(backbone.model_config.input.n_samples)
             self.missing_embedding = nn.Parameter(torch.zeros(len(self.backbone_leads), n_samples))
 
     def forward(self, x: Tensor, lead_mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -200,11 +160,8 @@ class ZeroFill(LeadAdapter):
             out = out + self.missing_embedding.to(out.dtype) * (~mask).unsqueeze(-1).to(out.dtype)
         return out, mask
 
-    def options(self) -> dict[str, Any]:
-        return {"missing_embedding": self.missing_embedding is not None}
 
-
-@register_adapter("projection")
+@ADAPTERS.register("projection")
 class Projection(LeadAdapter):
     """A learned k -> L_b channel mixing (1x1 conv, no bias) that starts as the selection zero_fill makes.
 
@@ -230,7 +187,7 @@ class Projection(LeadAdapter):
         return self.mix(x), mask
 
 
-@register_adapter("fold_first_conv")
+@ADAPTERS.register("fold_first_conv")
 class FoldFirstConv(LeadAdapter):
     """The backbone's first convolution becomes a k-input-channel one built from its L_b-lead kernels.
 
@@ -240,16 +197,14 @@ class FoldFirstConv(LeadAdapter):
     ``W'[:, i] = W[:, slot(i)] + (1 / k) * sum(W[:, a] for a absent)``, so the k-lead conv equals the L_b-lead conv
     on a signal whose absent leads are the mean of the present ones. Bias is kept. Without folding it equals the
     L_b-lead conv on the zero-filled signal, with no compute spent on absent leads. The backbone's
-    ``input_spec.lead_names`` becomes the input leads; L_b-channel pretrained weights are folded the same way when
+    model config's input leads become the input leads; L_b-channel pretrained weights are folded the same way when
     they load (:meth:`adapt_state_dict`).
     """
 
     def __init__(self, input_leads: str | Iterable[str], backbone: nn.Module, fold_absent: bool = False) -> None:
         super().__init__(input_leads, backbone)
         self.fold_absent = bool(fold_absent)
-        self.conv_name = getattr(backbone, "first_conv_name", None)
-        if self.conv_name is None:
-            raise TypeError(f"{type(backbone).__name__} does not name its first convolution (first_conv_name)")
+        self.conv_name = backbone.model_config.first_conv
         slots = self._slots()
         self.register_buffer("slots", torch.tensor(slots), persistent=False)
         self.register_buffer(
@@ -284,10 +239,12 @@ class FoldFirstConv(LeadAdapter):
             new.bias.requires_grad_(old.bias.requires_grad)
         parent_name, _, child = self.conv_name.rpartition(".")
         setattr(backbone.get_submodule(parent_name) if parent_name else backbone, child, new)
-        backbone.input_spec = dataclasses.replace(backbone.input_spec, lead_names=self.input_leads)
-        config = getattr(backbone, "config", None)
-        if isinstance(config, dict) and "in_channels" in config:
-            config["in_channels"] = len(self.input_leads)
+        config = backbone.model_config
+        architecture = dict(config.architecture)
+        if "in_channels" in architecture:
+            architecture["in_channels"] = len(self.input_leads)
+        contract = dataclasses.replace(config.input, lead_names=self.input_leads)
+        backbone.model_config = config.replace(input=contract, architecture=architecture)
         self.output_leads = self.input_leads
 
     def fold(self, weight: Tensor) -> Tensor:
@@ -310,9 +267,6 @@ class FoldFirstConv(LeadAdapter):
     def forward(self, x: Tensor, lead_mask: Tensor) -> tuple[Tensor, Tensor]:
         self._check(x, lead_mask)
         return x, lead_mask
-
-    def options(self) -> dict[str, Any]:
-        return {"fold_absent": self.fold_absent}
 
 
 class LeadDropout(nn.Module):

@@ -6,9 +6,9 @@ through ``config()`` so that the exact chain a model was trained with is stored 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from fractions import Fraction
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import scipy.fft
@@ -17,14 +17,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ecgfm.captured import CapturesArguments
+from ecgfm.leads import STANDARD_FS, STANDARD_N_SAMPLES
+from ecgfm.registry import PREPROCESSING
+
 __all__ = [
-    "PREPROCESSING",
     "ECGFounderPreprocessing",
     "NoPreprocessing",
+    "Preprocessing",
     "ZScore",
-    "build_preprocessing",
+    "create_preprocessing",
     "ecgfounder_preprocess_numpy",
-    "register_preprocessing",
     "resample",
     "segment_starts",
     "to_millivolts",
@@ -40,7 +43,7 @@ IMPULSE_RESPONSE_TOL = 1e-10
 # --- Resampling, windows, units ---
 
 
-def resample(x: np.ndarray, fs_in: float, fs_out: float = 500.0) -> np.ndarray:
+def resample(x: np.ndarray, fs_in: float, fs_out: float = STANDARD_FS) -> np.ndarray:
     """Resample ``x`` [..., T] from ``fs_in`` to ``fs_out`` Hz along the last axis with a polyphase filter.
 
     The rate ratio is turned into an exact fraction (denominator <= 1000) so that 360 -> 500 Hz is 25/18.
@@ -54,7 +57,7 @@ def resample(x: np.ndarray, fs_in: float, fs_out: float = 500.0) -> np.ndarray:
     return y.astype(np.float32)
 
 
-def segment_starts(n_total: int, n_samples: int = 5000, stride: int | None = None) -> list[int]:
+def segment_starts(n_total: int, n_samples: int = STANDARD_N_SAMPLES, stride: int | None = None) -> list[int]:
     """Start offsets of the full ``n_samples`` windows in a record of ``n_total`` samples.
 
     A short last piece is dropped, so a record shorter than one window gives ``[]``.
@@ -79,7 +82,7 @@ def _median_kernel(fs: float, window_s: float) -> int:
     return kernel if kernel % 2 == 1 else kernel + 1
 
 
-def ecgfounder_preprocess_numpy(x: np.ndarray, fs: float = 500.0) -> np.ndarray:
+def ecgfounder_preprocess_numpy(x: np.ndarray, fs: float = STANDARD_FS) -> np.ndarray:
     """ECGFounder's dataset preprocessing of one record ``x`` [L, T] in mV, with scipy: the reference chain.
 
     50 Hz notch (Q=30) -> Butterworth band-pass 0.67-40 Hz (order 4), both zero-phase (filtfilt) -> minus a
@@ -97,43 +100,24 @@ def ecgfounder_preprocess_numpy(x: np.ndarray, fs: float = 500.0) -> np.ndarray:
     return x.astype(np.float32)
 
 
-# --- Registry ---
-
-#: Preprocessing chains by name; ``build_preprocessing`` looks names up here.
-PREPROCESSING: dict[str, type[nn.Module]] = {}
-
-_M = TypeVar("_M", bound=type[nn.Module])
+# --- Base class of the registered chains ---
 
 
-def register_preprocessing(name: str) -> Callable[[_M], _M]:
-    """Class decorator that makes a preprocessing module buildable by ``name`` (and sets its ``name``)."""
+class Preprocessing(CapturesArguments, nn.Module):
+    """A chain ``forward(x [B, L, T] mV, lead_mask [B, L]) -> x``, registered in ``ecgfm.registry.PREPROCESSING``.
 
-    def add(cls: _M) -> _M:
-        if name in PREPROCESSING:
-            raise ValueError(f"preprocessing {name!r} is already registered by {PREPROCESSING[name].__name__}")
-        cls.name = name
-        PREPROCESSING[name] = cls
-        return cls
+    ``config()`` is ``{"name": ..., every constructor argument}``: the exact chain, as checkpoints store it.
+    """
 
-    return add
+    name = "base"
+
+    def config(self) -> dict[str, Any]:
+        return {"name": self.name, **self.captured_arguments()}
 
 
-def build_preprocessing(spec: str | dict[str, Any] | None) -> nn.Module:
-    """Build a chain from a name (``"ecgfounder"``), a ``{"name": ..., **kwargs}`` dict or None (no-op)."""
-    if spec is None:
-        spec = "none"
-    if isinstance(spec, str):
-        name, kwargs = spec, {}
-    elif isinstance(spec, dict):
-        if "name" not in spec:
-            raise ValueError(f"a preprocessing dict needs a 'name' key, got keys {sorted(spec)}")
-        kwargs = dict(spec)
-        name = kwargs.pop("name")
-    else:
-        raise TypeError(f"preprocessing spec must be a name, a dict or None, got {type(spec).__name__}")
-    if name not in PREPROCESSING:
-        raise ValueError(f"unknown preprocessing {name!r}; known: {', '.join(sorted(PREPROCESSING))}")
-    return PREPROCESSING[name](**kwargs)
+def create_preprocessing(spec: str | dict[str, Any] | None) -> Preprocessing:
+    """A chain from a name (``"ecgfounder"``), ``{"name": ..., **options}`` or None (the explicit ``none``)."""
+    return PREPROCESSING.create("none" if spec is None else spec)
 
 
 # --- Torch building blocks ---
@@ -240,19 +224,16 @@ class _FiltFilt:
 # --- Named chains ---
 
 
-@register_preprocessing("none")
-class NoPreprocessing(nn.Module):
+@PREPROCESSING.register("none")
+class NoPreprocessing(Preprocessing):
     """Pass the signal through unchanged: an explicit "no preprocessing" that still records itself."""
 
     def forward(self, x: Tensor, lead_mask: Tensor | None = None) -> Tensor:
         return x
 
-    def config(self) -> dict[str, Any]:
-        return {"name": self.name}
 
-
-@register_preprocessing("zscore")
-class ZScore(nn.Module):
+@PREPROCESSING.register("zscore")
+class ZScore(Preprocessing):
     """Standardise each record (one mean/std over leads x time, or per lead); absent leads stay zero."""
 
     def __init__(self, eps: float = 1e-8, per_lead: bool = False) -> None:
@@ -264,12 +245,9 @@ class ZScore(nn.Module):
         _check_input(x, lead_mask)
         return _zscore(x, lead_mask, self.eps, self.per_lead)
 
-    def config(self) -> dict[str, Any]:
-        return {"name": self.name, "eps": self.eps, "per_lead": self.per_lead}
 
-
-@register_preprocessing("ecgfounder")
-class ECGFounderPreprocessing(nn.Module):
+@PREPROCESSING.register("ecgfounder")
+class ECGFounderPreprocessing(Preprocessing):
     """ECGFounder's dataset chain, batched on the signal's device: notch -> band-pass -> baseline -> z-score.
 
     Matches ``ecgfounder_preprocess_numpy`` (scipy filtfilt/medfilt) to ~1e-6 on standardised output, edges
@@ -278,7 +256,7 @@ class ECGFounderPreprocessing(nn.Module):
 
     def __init__(
         self,
-        fs: float = 500.0,
+        fs: float = STANDARD_FS,
         notch_hz: float | None = 50.0,
         notch_q: float = 30.0,
         band_hz: Sequence[float] | None = (0.67, 40.0),
@@ -333,16 +311,3 @@ class ECGFounderPreprocessing(nn.Module):
         elif lead_mask is not None:
             y = y * lead_mask.to(device=y.device, dtype=y.dtype).unsqueeze(-1)
         return y.to(x.dtype)
-
-    def config(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "fs": self.fs,
-            "notch_hz": self.notch_hz,
-            "notch_q": self.notch_q,
-            "band_hz": None if self.band_hz is None else list(self.band_hz),
-            "order": self.order,
-            "baseline_window_s": self.baseline_window_s,
-            "zscore": self.zscore,
-            "eps": self.eps,
-        }

@@ -2,39 +2,46 @@
 
 from __future__ import annotations
 
-import csv
-import io
-import warnings
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from ecgfm.adapters import LeadDropout, create_adapter
 from ecgfm.backbones import create_backbone
-from ecgfm.backbones.registry import InputSpec
-from ecgfm.data.shards import atomic_write_text
-from ecgfm.distillation import cache_record, head_signature, load_teacher, match_heads, teacher_target
+from ecgfm.backbones.config import ContractError, InputContract, ModelConfig
+from ecgfm.data.shards import MANIFEST_NAME, Manifest
+from ecgfm.evaluation.tables import SplitTables
+from ecgfm.finetune.distillation import Distiller
 from ecgfm.heads import Head, create_head
 from ecgfm.leads import STANDARD_LEADS, lead_indices, parse_leads
-from ecgfm.signal import build_preprocessing, to_millivolts
+from ecgfm.signal import create_preprocessing, to_millivolts
 
 SPLIT_NAMES = ("train", "val", "test")
+#: Version of the ``checkpoint["ecgfm"]`` block: 2 stores the backbone's model config and the full input contract.
+CONTRACT_VERSION = 2
 
 
 class FineTuneTask(L.LightningModule):
     """Fine-tune (or linear-probe) a backbone with heads; logs ``{split}/{head}/{metric}``.
 
+    The model's contract (the backbone's model config, the leads, the lead adapter and the preprocessing chain with
+    every parameter) is spelled out in the hyper-parameters and in ``checkpoint["ecgfm"]``, and a checkpoint is
+    always rebuilt from it (:meth:`on_load_checkpoint`), never from today's defaults. Data whose manifest disagrees
+    with it (rate, segment length, leads) is refused when a run sets up (:meth:`check_data`).
+
     Args:
-        backbone: a registered backbone name (``ecgfm list-backbones``).
+        backbone: a registered backbone name (``ecgfm list backbones``).
         pretrained: path of a checkpoint in the backbone's native format (e.g. ECGFounder's ``.pth``), or of a
             FineTuneTask ``.ckpt`` whose backbone starts this model (its heads are left out), or None.
-        backbone_kwargs: constructor overrides for the backbone.
-        heads: the heads; in YAML each is ``{class_path: ecgfm.heads.MultiLabelHead, init_args: {...}}``.
+        backbone_kwargs: constructor overrides for the backbone (architecture options, ``lead_names``, ``input``).
+        heads: the heads; in YAML each is ``{class_path: ecgfm.heads.MultiLabelHead, init_args: {...}}`` or
+            ``{kind: multilabel, name: ..., ...}`` (the form checkpoints store).
         preprocessing: name or ``{name: ..., **options}`` of the on-device preprocessing chain; None uses the
-            backbone's own (ECGFounder's chain for Net1D).
+            backbone's own, from its model config (ECGFounder's chain for Net1D).
         finetune: ``full`` trains everything; ``linear_probe`` freezes the backbone (and the lead adapter) and trains
             the heads.
         lr, weight_decay: AdamW settings.
@@ -66,7 +73,7 @@ class FineTuneTask(L.LightningModule):
         backbone: str = "net1d-small",
         pretrained: str | None = None,
         backbone_kwargs: dict[str, Any] | None = None,
-        heads: list[Head] | None = None,
+        heads: list[Head | dict[str, Any]] | None = None,
         preprocessing: str | dict[str, Any] | None = None,
         finetune: Literal["full", "linear_probe"] = "full",
         lr: float = 1e-3,
@@ -95,41 +102,129 @@ class FineTuneTask(L.LightningModule):
         names = [h.name for h in heads]
         if len(set(names)) != len(names):
             raise ValueError(f"head names must be unique, got {names}")
+        # The distiller holds the teacher outside the module tree: not in state_dict(), parameters() or the optimizer.
+        self.distiller = Distiller(teacher, teacher_cache, distill_weight, distill_temperature) if teacher else None
         self.save_hyperparameters(ignore=["heads"])
-        self.hparams["heads"] = [h.config() for h in heads]
 
-        self.backbone = create_backbone(backbone, **(backbone_kwargs or {}))
-        self.leads: tuple[str, ...] = parse_leads(list(self.backbone.input_spec.lead_names) if leads is None else leads)
-        self.adapter = create_adapter(adapter, self.leads, self.backbone)  # may resize the backbone's first conv
-        # Weights the forward pass never reads (kept so released checkpoints load) are frozen: DDP then needs no
-        # find_unused_parameters, and the optimizer keeps no state for them.
-        for param in getattr(self.backbone, "parameters_unused_by_features", list)():
-            param.requires_grad_(False)
         self.lead_dropout = LeadDropout(lead_dropout)
-        self.input_spec: InputSpec = self.backbone.input_spec
-        self.register_buffer("input_leads", torch.tensor(lead_indices(self.leads, STANDARD_LEADS)), persistent=False)
-        self.preprocessing = build_preprocessing(preprocessing or self.input_spec.preprocessing)
+        self._build_input_side(create_backbone(backbone, **(backbone_kwargs or {})), leads, adapter, preprocessing)
         self.heads = nn.ModuleDict({h.name: h for h in heads})
         for head in heads:
             if head.labels is not None:
                 head.build(self.backbone.num_features, head.labels)
         self.metrics = nn.ModuleDict()
+        #: tables of the last evaluation epoch per split and head; the SplitTables callback writes them
+        self.split_tables: dict[str, dict[str, dict[str, list[dict[str, Any]]]]] = {}
         self._label_columns: dict[str, list[int] | None] = {}
         self._pretrained_loaded = False
-        # The teacher sits in a plain list: not a submodule, so not in state_dict(), parameters() or the optimizer.
-        self._teacher: list[FineTuneTask] = []
-        self._distill: dict[str, dict[str, Any]] = {}  # matched head -> the teacher head's distillation_reference()
-        self._teacher_info: dict[str, Any] | None = None
-        if finetune == "linear_probe":
+        self._record_contract()
+
+    # ----------------------------------------------------------------- the model contract
+    def _build_input_side(
+        self,
+        backbone: nn.Module,
+        leads: str | list[str] | None,
+        adapter: str | dict[str, Any] | None,
+        preprocessing: str | dict[str, Any] | None,
+    ) -> None:
+        """Backbone, leads, lead adapter and preprocessing: everything the input contract is made of."""
+        native: ModelConfig = backbone.model_config  # before the adapter, which may resize the first convolution
+        self.backbone_config = native
+        self.backbone = backbone
+        self.leads: tuple[str, ...] = parse_leads(list(native.input.lead_names) if leads is None else leads)
+        self.adapter = create_adapter(adapter, self.leads, self.backbone)
+        # Weights the forward pass never reads (kept so released checkpoints load) are frozen: DDP then needs no
+        # find_unused_parameters, and the optimizer keeps no state for them.
+        for param in getattr(self.backbone, "parameters_unused_by_features", list)():
+            param.requires_grad_(False)
+        if self.hparams.finetune == "linear_probe":
             self.backbone.requires_grad_(False)
             self.adapter.requires_grad_(False)
+        self.preprocessing = create_preprocessing(
+            native.input.preprocessing if preprocessing is None else preprocessing
+        )
+        chain = self.preprocessing.config()
+        if "fs" in chain and float(chain["fs"]) != native.input.fs:
+            raise ContractError(
+                f"preprocessing {chain['name']!r} is set for {float(chain['fs']):g} Hz but the backbone "
+                f"{native.name!r} reads {native.input.fs:g} Hz"
+            )
+        self.input_contract = InputContract(
+            native.input.fs, native.input.n_samples, self.leads, native.input.units, chain
+        )
+        self.use_data_leads(STANDARD_LEADS)
+
+    def use_data_leads(self, data_leads: tuple[str, ...] | list[str]) -> None:
+        """Take the model's leads, by name, from batches whose signal holds ``data_leads`` in this order."""
+        self.data_leads = tuple(data_leads)
+        old = getattr(self, "input_leads", None)
+        device = old.device if isinstance(old, Tensor) else None
+        index = torch.tensor(lead_indices(self.leads, self.data_leads), device=device)
+        self.register_buffer("input_leads", index, persistent=False)
+
+    def _record_contract(self) -> None:
+        """Hyper-parameters spelled out as built, so a checkpoint's hyper-parameters never depend on defaults."""
+        self.hparams["backbone"] = self.backbone_config.name
+        self.hparams["backbone_kwargs"] = {
+            **self.backbone_config.architecture,
+            "input": self.backbone_config.input.to_dict(),
+        }
+        self.hparams["leads"] = list(self.leads)
+        self.hparams["adapter"] = self.adapter.config()
+        self.hparams["preprocessing"] = self.preprocessing.config()
+        self.hparams["heads"] = [h.config() for h in self.heads.values()]
+
+    def contract(self) -> dict[str, Any]:
+        """What every checkpoint stores in ``checkpoint["ecgfm"]`` and loading rebuilds the model from."""
+        out = {
+            "version": CONTRACT_VERSION,
+            "backbone": self.backbone_config.to_dict(),
+            "input": self.input_contract.to_dict(),
+            "adapter": self.adapter.config(),
+            "heads": {name: h.config() for name, h in self.heads.items()},
+        }
+        if self.distiller is not None and self.distiller.info is not None:
+            out["teacher"] = self.distiller.info  # provenance only: the student's weights never need the teacher
+        return out
+
+    def check_data(self, manifest: Manifest, source: str | Path) -> None:
+        """Refuse data whose rate, segment length or leads disagree with the model; read its leads by name.
+
+        Raises:
+            ContractError: one line naming the data (``source``) and the model.
+        """
+        self.input_contract.check_data(
+            manifest.fs,
+            manifest.n_samples,
+            manifest.lead_names,
+            str(source),
+            repr(self.backbone_config.name),
+            self.leads,
+        )
+        self.use_data_leads(tuple(lead.strip() for lead in manifest.lead_names))
+
+    def _check_datamodule(self, datamodule: Any) -> None:
+        manifest = getattr(datamodule, "manifest", None)
+        if isinstance(manifest, Manifest):
+            self.check_data(manifest, Path(getattr(datamodule, "root", ".")) / MANIFEST_NAME)
+
+    @classmethod
+    def load_frozen(cls, path: str | Path) -> FineTuneTask:
+        """A checkpoint on the CPU, frozen and in eval mode, as a teacher is used (its own teacher is never loaded)."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint {path} does not exist")
+        model = cls.load_from_checkpoint(path, map_location="cpu", teacher=None, teacher_cache=False)
+        model.requires_grad_(False)
+        return model.eval()
 
     # ----------------------------------------------------------------- building from the data
     def setup(self, stage: str) -> None:
-        """Give unbuilt heads their label names from the data, and load pretrained weights for a new run."""
+        """Check the data against the model, give unbuilt heads their label names, load pretrained weights."""
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        self._check_datamodule(datamodule)
         specs = getattr(datamodule, "target_specs", {}) if datamodule is not None else {}
-        for i, head in enumerate(self.heads.values()):
+        for head in self.heads.values():
             if not head.is_built:
                 if head.target not in specs:
                     raise KeyError(
@@ -137,13 +232,13 @@ class FineTuneTask(L.LightningModule):
                         f"(targets: {list(specs)})"
                     )
                 head.build(self.backbone.num_features, specs[head.target].names)
-                self.hparams["heads"][i]["init_args"]["labels"] = head.labels
             elif head.target in specs:
                 unknown = [lab for lab in head.labels if lab not in specs[head.target].names]
                 if unknown:
                     raise KeyError(
                         f"head {head.name!r}: labels {unknown} are not in target {head.target!r} of the data"
                     )
+        self.hparams["heads"] = [h.config() for h in self.heads.values()]
         self._label_columns = {}
         for name, h in self.heads.items():  # resolved once here, so the training step only indexes
             columns = [specs[h.target].names.index(lab) for lab in h.labels] if h.target in specs else None
@@ -157,53 +252,8 @@ class FineTuneTask(L.LightningModule):
             # weights in the backbone's native layout: the adapter folds e.g. a 12-lead first conv to k leads
             self.backbone.load_pretrained(self.hparams.pretrained, state_filter=self.adapter.adapt_state_dict)
             self._pretrained_loaded = True
-        if stage == "fit" and self.hparams.teacher and self._teacher_info is None:
-            self._setup_teacher(datamodule, specs)
-
-    def _setup_teacher(self, datamodule: Any, specs: dict[str, Any]) -> None:
-        """Load the teacher (or find its cached outputs) and pair its heads with the student's, by name."""
-        from ecgfm.zoo import sha256sum
-
-        path = Path(self.hparams.teacher)
-        if self.hparams.teacher_cache:
-            manifest = getattr(datamodule, "manifest", None)
-            if manifest is None:
-                raise TypeError("teacher_cache reads the teacher's outputs from the shards: fit with a ShardDataModule")
-            root = getattr(datamodule, "root", "")
-            record = cache_record(manifest, root)
-            if path.is_file():
-                digest = sha256sum(path)
-                if digest != record["sha256"]:
-                    raise ValueError(
-                        f"the teacher outputs cached in {root} come from {record['checkpoint']} (sha256 "
-                        f"{record['sha256'][:12]}), not from {path} (sha256 {digest[:12]}): the cache is stale; run "
-                        f"`ecgfm distill-cache --teacher {path} --root {root}` again"
-                    )
-            else:
-                warnings.warn(
-                    f"teacher checkpoint {path} not found: using the outputs cached in {root} from "
-                    f"{record['checkpoint']} without checking them against it",
-                    stacklevel=2,
-                )
-                digest = record["sha256"]
-            teachers = record["heads"]
-            matched = match_heads(self.heads, teachers, f"cached from {record['checkpoint']}")
-            missing = [teacher_target(name) for name in matched if teacher_target(name) not in specs]
-            if missing:
-                raise KeyError(f"the data does not load the cached teacher outputs {missing}: add them to data.targets")
-            self._distill = {name: teachers[name].get("reference") or {} for name in matched}
-        else:
-            teacher = load_teacher(path).to(self.device)
-            digest = sha256sum(path)
-            matched = match_heads(self.heads, {n: head_signature(h) for n, h in teacher.heads.items()}, str(path))
-            self._teacher = [teacher]
-            self._distill = {name: teacher.heads[name].distillation_reference() for name in matched}
-        self._teacher_info = {
-            "checkpoint": str(path),
-            "sha256": digest,
-            "cached": bool(self.hparams.teacher_cache),
-            "heads": matched,
-        }
+        if stage == "fit" and self.distiller is not None:
+            self.distiller.setup(self.heads, datamodule, list(specs), type(self).load_frozen)
 
     def _fit_head_statistics(self, datamodule: Any) -> None:
         """Heads that standardise or weight by the training split learn those constants once, before training."""
@@ -229,38 +279,91 @@ class FineTuneTask(L.LightningModule):
                 self.metrics[f"{split}_{name}"] = head.metrics()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Rebuild backbone, leads, adapter and preprocessing from what the checkpoint stores, never from defaults.
+
+        A model built from a recipe (``ecgfm test --ckpt_path``) whose contract differs is rebuilt, with a warning
+        that names the difference; its data is checked again against the checkpoint's contract.
+        """
         self._pretrained_loaded = True  # the checkpoint's weights win over the pretrained file in a later setup
+        stored = checkpoint.get("ecgfm") or {}
+        if stored.get("version") == CONTRACT_VERSION:
+            self._rebuild_from(stored)
+        elif "preprocessing" in stored:  # a checkpoint from before model configs: its chain, leads and adapter
+            self._rebuild_from(
+                {
+                    "backbone": self.backbone_config.to_dict(),
+                    "input": {**self.input_contract.to_dict(), "lead_names": stored.get("leads", list(self.leads))},
+                    "adapter": stored.get("adapter", self.adapter.config()),
+                    "legacy_preprocessing": stored["preprocessing"],
+                }
+            )
         if all(h.is_built for h in self.heads.values()):
             self._build_metrics()
+
+    def _rebuild_from(self, stored: dict[str, Any]) -> None:
+        backbone = ModelConfig.from_dict(stored["backbone"])
+        contract = dict(stored["input"])
+        chain = stored.get("legacy_preprocessing", contract["preprocessing"])
+        differences = []
+        if (backbone.architecture, backbone.input) != (self.backbone_config.architecture, self.backbone_config.input):
+            differences.append(
+                f"backbone {backbone.name} {backbone.architecture} (recipe: {self.backbone_config.name})"
+            )
+        if list(contract["lead_names"]) != list(self.leads):
+            differences.append(f"leads {contract['lead_names']} (recipe: {list(self.leads)})")
+        if stored["adapter"] != self.adapter.config():
+            differences.append(f"adapter {stored['adapter']} (recipe: {self.adapter.config()})")
+        if chain != self.preprocessing.config():
+            differences.append(f"preprocessing {chain} (recipe: {self.preprocessing.config()})")
+        if not differences:
+            return
+        if self._trainer is not None and self.trainer.strategy.restore_checkpoint_after_setup:
+            raise ContractError(
+                f"the checkpoint's model differs from the recipe's ({'; '.join(differences)}) and this strategy "
+                "restores checkpoints after wrapping the model: set the recipe to the checkpoint's values"
+            )
+        rank_zero_warn(
+            f"using the checkpoint's model contract, which differs from the recipe's: {'; '.join(differences)}"
+        )
+        data_leads = self.data_leads
+        self._build_input_side(create_backbone(backbone), contract["lead_names"], stored["adapter"], chain)
+        self.use_data_leads(data_leads)
+        for head in self.heads.values():
+            if head.is_built and head.in_features != self.backbone.num_features:
+                head.build(self.backbone.num_features, head.labels)
+        self._record_contract()
+        if self._trainer is not None:
+            self._check_datamodule(getattr(self.trainer, "datamodule", None))
 
     def train(self, mode: bool = True) -> FineTuneTask:
         super().train(mode)
         if self.hparams.finetune == "linear_probe":
             self.backbone.eval()  # frozen: keep BatchNorm statistics and dropout fixed
             self.adapter.eval()
-        for teacher in getattr(self, "_teacher", ()):
-            teacher.eval()
         return self
 
-    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> FineTuneTask:
-        """``.to()``, ``.cuda()``, ``.half()``, ... move the teacher with the student (it is not a submodule)."""
-        super()._apply(fn, *args, **kwargs)
-        for teacher in getattr(self, "_teacher", ()):
-            teacher._apply(fn, *args, **kwargs)
-        return self
-
-    def on_fit_start(self) -> None:
-        for teacher in self._teacher:
-            teacher.to(self.device)
+    def configure_callbacks(self) -> list[L.Callback]:
+        """The per-split tables (per-label AUROC, per-lab errors, ...) go to CSV files after each evaluation."""
+        return [SplitTables()]
 
     # ----------------------------------------------------------------- forward
     def prepare_signal(self, signal: Tensor, lead_mask: Tensor) -> tuple[Tensor, Tensor]:
-        """int16 µV [B, 12, T] -> the input leads (float mV, lead dropout in training, preprocessed) -> the adapter.
+        """int16 µV [B, L_data, T] -> the input leads (float mV, lead dropout in training, preprocessed) -> the adapter.
 
         Preprocessing runs on the k input leads, before the adapter: the filters are per lead and the z-score
         masked, so for zero_fill this equals preprocessing the zero-filled leads, at k/12 of the cost, and a learned
         adapter's output (missing-lead embedding, projection) is not zeroed by the masked z-score.
         """
+        if (
+            signal.dim() != 3
+            or signal.shape[1] != len(self.data_leads)
+            or signal.shape[-1] != self.input_contract.n_samples
+        ):
+            raise ContractError(
+                f"a batch of shape {tuple(signal.shape)} reached the model {self.backbone_config.name!r}, which reads "
+                f"[batch, {len(self.data_leads)} leads ({', '.join(self.data_leads)}), "
+                f"{self.input_contract.n_samples} samples at {self.input_contract.fs:g} Hz]"
+            )
         x = to_millivolts(signal) if signal.dtype == torch.int16 else signal.float()
         x, lead_mask = x[:, self.input_leads], lead_mask[:, self.input_leads]
         x, lead_mask = self.lead_dropout(x, lead_mask)
@@ -282,19 +385,11 @@ class FineTuneTask(L.LightningModule):
             target, mask = target[:, columns], mask[:, columns]
         return target.float(), mask
 
-    def _teacher_outputs(self, batch: dict[str, Any]) -> dict[str, Tensor]:
-        """The teacher's raw outputs of the matched heads: cached in the batch, or the teacher run on the full batch."""
-        if self.hparams.teacher_cache:
-            return {name: batch["targets"][teacher_target(name)] for name in self._distill}
-        teacher = self._teacher[0]
-        teacher.eval()
-        with torch.no_grad():
-            outputs = teacher(batch["signal"], batch["lead_mask"])
-        return {name: outputs[name] for name in self._distill}
-
     def _step(self, batch: dict[str, Any], split: str) -> Tensor:
         outputs = self(batch["signal"], batch["lead_mask"])
-        teacher_outputs = self._teacher_outputs(batch) if self._distill and split in ("train", "val") else {}
+        distiller = self.distiller
+        distilling = distiller is not None and distiller.heads and split in ("train", "val")
+        teacher_outputs = distiller.outputs(batch) if distilling else {}
         total = torch.zeros((), device=self.device)
         batch_size = batch["signal"].shape[0]
         for name, head in self.heads.items():
@@ -304,12 +399,10 @@ class FineTuneTask(L.LightningModule):
             self.log(f"{split}/{name}/loss", loss, batch_size=batch_size, on_epoch=True, on_step=False)
             head.update_metrics(self.metrics[f"{split}_{name}"], outputs[name].detach(), target, mask)
             if name in teacher_outputs:
-                distill = head.distillation_loss(
-                    outputs[name], teacher_outputs[name], self.hparams.distill_temperature, self._distill[name]
-                )
+                distill = distiller.loss(head, outputs[name], teacher_outputs[name])
                 self.log(f"{split}/{name}/distill_loss", distill, batch_size=batch_size, on_epoch=True, on_step=False)
                 if split == "train":
-                    total = total + self.hparams.distill_weight * distill
+                    total = total + distiller.weight * distill
         self.log(
             f"{split}/loss",
             total,
@@ -338,6 +431,7 @@ class FineTuneTask(L.LightningModule):
         return predictions
 
     def _log_epoch_metrics(self, split: str) -> None:
+        tables = {}
         for name, head in self.heads.items():
             metrics = self.metrics[f"{split}_{name}"]
             values = head.compute_metrics(metrics)
@@ -345,23 +439,10 @@ class FineTuneTask(L.LightningModule):
             if split != "train" and not self.trainer.sanity_checking:
                 if split == "val":
                     head.calibrate(metrics)
-                self._write_tables(split, name, head.tables(metrics))
+                tables[name] = head.tables(metrics)
             metrics.reset()
-
-    def _write_tables(self, split: str, head: str, tables: dict[str, list[dict[str, Any]]]) -> None:
-        """``<log dir>/tables/<split>-<head>-<table>.csv``, rewritten each epoch, by the first rank only."""
-        log_dir = self.trainer.log_dir  # every rank asks: some loggers broadcast the directory from rank 0
-        if not tables or self.trainer.global_rank != 0:
-            return
-        folder = Path(log_dir or self.trainer.default_root_dir) / "tables"
-        folder.mkdir(parents=True, exist_ok=True)
-        for table, rows in tables.items():
-            if rows:
-                text = io.StringIO()
-                writer = csv.DictWriter(text, fieldnames=list(rows[0]))
-                writer.writeheader()
-                writer.writerows(rows)
-                atomic_write_text(folder / f"{split}-{head}-{table}.csv", text.getvalue())
+        if tables:
+            self.split_tables[split] = tables
 
     def on_train_epoch_end(self) -> None:
         self._log_epoch_metrics("train")
@@ -392,12 +473,4 @@ class FineTuneTask(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["ecgfm"] = {
-            "input_spec": self.input_spec.to_dict(),
-            "leads": list(self.leads),
-            "adapter": self.adapter.config(),
-            "preprocessing": self.preprocessing.config(),
-            "heads": {name: {"target": h.target, "labels": h.labels} for name, h in self.heads.items()},
-        }
-        if self._teacher_info is not None:  # provenance only: the student's weights never need the teacher
-            checkpoint["ecgfm"]["teacher"] = self._teacher_info
+        checkpoint["ecgfm"] = self.contract()

@@ -10,12 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ecgfm.cli import main
+from ecgfm.commands import main
 from ecgfm.data.datamodule import ShardDataModule
 from ecgfm.data.dataset import ShardDataset
 from ecgfm.data.shards import Manifest, ShardError, verify_shards
 from ecgfm.data.synthetic import write_synthetic_shards
-from ecgfm.distillation import load_teacher
 from ecgfm.heads import BinaryHead, MulticlassHead, MultiLabelHead, OrdinalHead, PotassiumHead, RegressionHead
 from ecgfm.tasks import FineTuneTask
 from ecgfm.zoo import sha256sum
@@ -131,9 +130,9 @@ def test_lead_i_student_learns_from_a_12_lead_teacher(synthetic_shards, teacher_
     assert float(metrics["val/loss"]) == pytest.approx(val_labels, rel=1e-5)  # val/loss stays the label loss
 
     # the teacher: frozen, unchanged, not part of the student or its optimizer
-    teacher = task._teacher[0]
+    teacher = task.distiller.teacher
     assert not teacher.training and teacher.input_leads.numel() == 12
-    for key, value in load_teacher(ckpt).state_dict().items():
+    for key, value in FineTuneTask.load_frozen(ckpt).state_dict().items():
         torch.testing.assert_close(teacher.state_dict()[key], value)
     assert {key.split(".")[0] for key in task.state_dict()} == {"backbone", "heads"}
     assert task.state_dict()["backbone.first_conv.conv.weight"].shape[1] == 1
@@ -164,12 +163,9 @@ def test_lead_i_student_learns_from_a_12_lead_teacher(synthetic_shards, teacher_
     assert not any("teacher" in key for key in saved["state_dict"])
     ckpt.unlink()
     reloaded = FineTuneTask.load_from_checkpoint(path, map_location="cpu").eval()
-    assert reloaded._teacher == []
+    assert reloaded.distiller.teacher is None  # loaded only when fitting
     with torch.no_grad():
         torch.testing.assert_close(reloaded(batch["signal"])["potassium"], task(batch["signal"])["potassium"])
-
-    task.to(torch.float64)  # the teacher moves (device, dtype) with the student
-    assert next(teacher.parameters()).dtype == torch.float64
 
 
 def test_cached_teacher_outputs_equal_the_teachers_and_train(synthetic_shards, teacher_ckpt, tmp_path):
@@ -188,7 +184,7 @@ def test_cached_teacher_outputs_equal_the_teachers_and_train(synthetic_shards, t
     rows = [0, 47, 48, 100, 119]  # across the three shards
     batch = ShardDataset(root, targets=["teacher_potassium", "teacher_electrolyte"]).__getitems__(rows)
     with torch.no_grad():
-        on_the_fly = load_teacher(teacher_ckpt)(batch["signal"], batch["lead_mask"])
+        on_the_fly = FineTuneTask.load_frozen(teacher_ckpt)(batch["signal"], batch["lead_mask"])
     for head in ("potassium", "electrolyte"):
         torch.testing.assert_close(batch["targets"][f"teacher_{head}"], on_the_fly[head], atol=1e-5, rtol=1e-5)
 
@@ -197,7 +193,7 @@ def test_cached_teacher_outputs_equal_the_teachers_and_train(synthetic_shards, t
 
     task = student(teacher=str(teacher_ckpt), teacher_cache=True)
     trainer = fit(task, root, tmp_path)
-    assert task._teacher == [] and "train/potassium/distill_loss" in trainer.callback_metrics
+    assert task.distiller.teacher is None and "train/potassium/distill_loss" in trainer.callback_metrics
 
     other = tmp_path / "other.ckpt"  # a different teacher: the cache is stale
     torch.save({**torch.load(teacher_ckpt, weights_only=False), "global_step": 99}, other)

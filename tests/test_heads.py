@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ecgfm.heads import MultiLabelHead, RegressionHead, create_head, list_heads
+from ecgfm.heads import MultiLabelHead, RegressionHead, create_head
+from ecgfm.registry import HEADS
 
 
 def built(head, labels, in_features=8):
@@ -15,12 +16,12 @@ def built(head, labels, in_features=8):
 
 
 def test_registry_and_specs():
-    assert {"multilabel", "regression"} <= set(list_heads())
+    assert {"multilabel", "regression"} <= set(HEADS.names())
     head = create_head({"kind": "regression", "name": "k", "units": "mmol/L"})
     assert isinstance(head, RegressionHead) and head.units == "mmol/L"
     with pytest.raises(ValueError, match="unknown head kind 'nope'"):
         create_head({"kind": "nope"})
-    with pytest.raises(ValueError, match="outside ecgfm"):
+    with pytest.raises(ValueError, match="unknown head class .os.system.; registered head classes: BinaryHead"):
         create_head({"class_path": "os.system", "init_args": {}})
 
 
@@ -94,7 +95,7 @@ def test_multilabel_label_file_and_asymmetric_loss(tmp_path):
     vocab = tmp_path / "labels.txt"
     vocab.write_text("# AnyECG-style vocabulary\nAF\nLBBB  # left bundle branch block\n\nRBBB\n")
     head = MultiLabelHead(name="c", labels_file=str(vocab), loss="asymmetric", gamma_pos=0.0, gamma_neg=4.0, clip=0.05)
-    assert head.labels == ["AF", "LBBB", "RBBB"] and head.init_args()["labels_file"] is None
+    assert head.labels == ["AF", "LBBB", "RBBB"] and head.config()["labels_file"] is None
     head.build(8, head.labels)
     logits = torch.tensor([[2.0, -3.0, 0.3], [-1.0, 0.1, -4.0]])
     target = torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 0.0]])
@@ -270,7 +271,7 @@ def test_labs_head_scores_abnormal_values_against_reference_ranges(tmp_path):
     assert out["auroc/sodium"] == pytest.approx(2.5 / 4)
     assert out["auroc/troponin"] == pytest.approx(1.0)  # one-sided range: only 50 is abnormal, predicted 30
     assert "auroc/no_range" not in out and out["n_labs_scored"] == 2
-    assert head.init_args()["ranges"]["troponin"] == [None, 14.0, "ng/L"]
+    assert head.config()["ranges"]["troponin"] == [None, 14.0, "ng/L"]
     table = head.tables(metrics)["per_lab"]
     assert table[0]["abnormal"] == 2 and table[1]["n"] == 3
     bad = tmp_path / "bad.csv"

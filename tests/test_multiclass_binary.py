@@ -13,10 +13,12 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAUROC
 
-from ecgfm.cli import main, run_lightning
+from ecgfm.commands import main
+from ecgfm.commands.lightning import run_lightning
 from ecgfm.data.shards import TargetSummary
-from ecgfm.heads import BinaryHead, MulticlassHead, create_head, list_heads
+from ecgfm.heads import BinaryHead, MulticlassHead, create_head
 from ecgfm.heads.binary import soft_fbeta
+from ecgfm.registry import HEADS
 from ecgfm.tasks import FineTuneTask
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -43,7 +45,7 @@ def onehot(classes, k=4, missing=()):
 
 
 def test_registry_and_configs():
-    assert {"multiclass", "binary"} <= set(list_heads())
+    assert {"multiclass", "binary"} <= set(HEADS.names())
     head = create_head({"kind": "multiclass", "name": "e", "class_weights": "balanced"})
     assert isinstance(head, MulticlassHead) and head.uses_statistics
     assert not MulticlassHead(name="e", class_weights=[1.0, 2.0, 1.0, 1.0]).uses_statistics

@@ -103,10 +103,11 @@ def test_registry_and_config_round_trip():
     assert isinstance(head, OrdinalHead)
     built(head)
     config = head.config()
-    assert config["class_path"] == "ecgfm.heads.ordinal.OrdinalHead"
+    assert config["kind"] == "ordinal"  # stored by registry name: moving the head's file breaks nothing
     again = create_head(config)
-    assert again.init_args() == head.init_args()
-    assert again.init_args() == {
+    assert again.config() == head.config()
+    assert again.config() == {
+        "kind": "ordinal",
         "name": "triage",
         "target": "triage",
         "labels": LEVELS,
@@ -343,25 +344,25 @@ def label_map_codes(folder: Path, which: str) -> set[str]:
         return {row["SNOMEDCTCode"] for row in csv.DictReader(f)}
 
 
-def test_shipped_mapping_covers_the_shared_records_and_the_scored_codes(shared_data):
+def test_shipped_mapping_covers_the_test_records_and_the_scored_codes(test_data):
     mapping = load_triage_mapping(TRIAGE_RECIPES / "snomed_triage.csv")
     tables = REPO / "ecgfm" / "data" / "label_maps"
     scored, unscored = label_map_codes(tables, "scored"), label_map_codes(tables, "unscored")
     assert scored <= set(mapping)
     assert set(mapping) <= scored | unscored  # real Challenge SNOMED-CT codes only
     used = set()
-    for header in (shared_data / "cinc2021").glob("*.hea"):
+    for header in (test_data / "cinc2021").glob("*.hea"):
         line = next(x for x in header.read_text().splitlines() if x.startswith("# Dx:"))
         used |= {c.strip() for c in line.split(":", 1)[1].split(",")}
     assert used <= set(mapping)
     assert mapping["426783006"] == 0 and mapping["164931005"] == 3  # sinus rhythm normal, ST elevation acute
 
 
-def test_challenge_reader_gives_the_triage_level_of_a_real_record(shared_data, tmp_path):
-    from ecgfm.data.sources import get_source
+def test_challenge_reader_gives_the_triage_level_of_a_real_record(test_data, tmp_path):
+    from ecgfm.registry import SOURCES
 
-    folder = shared_data / "cinc2021"
-    reader = get_source("challenge", triage_mapping=str(TRIAGE_RECIPES / "snomed_triage.csv"))
+    folder = test_data / "cinc2021"
+    reader = SOURCES.create("challenge", triage_mapping=str(TRIAGE_RECIPES / "snomed_triage.csv"))
     specs = reader.target_specs(reader.find_records(folder))
     assert specs["triage"].kind == "multiclass" and specs["triage"].names == LEVELS
     # E07514: 427084000 sinus tachycardia (abnormal, not acute), 426434006 anterior ischemia (subacute),
@@ -373,10 +374,10 @@ def test_challenge_reader_gives_the_triage_level_of_a_real_record(shared_data, t
     assert reader.targets(reader.read(folder / "HR06001"), specs)["triage"].tolist() == [0.0, 1.0, 0.0, 0.0]
     # a record none of whose codes is mapped has a missing label: E07500 is 67741000119109, 426177001
     only_nsr = write(tmp_path / "nsr.csv", "code,level,description\n426783006,normal,sinus rhythm\n")
-    partial = get_source("challenge", triage_mapping=only_nsr)
+    partial = SOURCES.create("challenge", triage_mapping=only_nsr)
     assert np.isnan(partial.targets(partial.read(folder / "E07500"), specs)["triage"]).all()
     # without the option the reader is unchanged: only dx
-    plain = get_source("challenge")
+    plain = SOURCES.create("challenge")
     assert list(plain.target_specs([folder / "E07514"])) == ["dx"]
     assert list(plain.targets(record, {"dx": specs["dx"]})) == ["dx"]
 
@@ -385,7 +386,7 @@ def test_challenge_reader_gives_the_triage_level_of_a_real_record(shared_data, t
 
 
 def test_shard_recipe_reaches_the_reader_option():
-    from ecgfm.cli import shard_parser
+    from ecgfm.commands.shard import shard_parser
 
     cfg = shard_parser().parse_args(["--config", str(TRIAGE_RECIPES / "shard.yaml")]).as_dict()
     assert cfg["reader"] == "challenge"
@@ -394,17 +395,17 @@ def test_shard_recipe_reaches_the_reader_option():
 
 
 @pytest.fixture(scope="module")
-def triage_shards(shared_data, tmp_path_factory) -> Path:
-    """The 50 Challenge records converted with the shard recipe's options, once for this module."""
+def triage_shards(test_data, tmp_path_factory) -> Path:
+    """The 20 Challenge records in tests/data converted with the shard recipe's options, once for this module."""
     from ecgfm.data.convert import convert
     from ecgfm.data.shards import Manifest
 
     options = yaml.safe_load((TRIAGE_RECIPES / "shard.yaml").read_text())
-    options["source"] = shared_data / "cinc2021"
+    options["source"] = test_data / "cinc2021"
     options["out"] = tmp_path_factory.mktemp("triage-shards")
     options["reader_options"]["triage_mapping"] = str(REPO / options["reader_options"]["triage_mapping"])
     summary = convert(**options, progress=False)
-    assert summary.records_read == 50 and not summary.skipped
+    assert summary.records_read == 20 and not summary.skipped
     assert Manifest.load(options["out"]).targets["triage"].names == LEVELS
     return options["out"]
 
@@ -412,13 +413,13 @@ def triage_shards(shared_data, tmp_path_factory) -> Path:
 def test_triage_recipe_fast_dev_run(triage_shards, tmp_path):
     import h5py
 
-    from ecgfm.cli import main
+    from ecgfm.commands import main
     from ecgfm.data.shards import Manifest
 
     manifest = Manifest.load(triage_shards)
     with h5py.File(triage_shards / manifest.shards[0]["path"]) as f:
         counts = f["targets/triage"][:].sum(0)
-    assert counts.tolist() == [11, 34, 5, 0]  # normal, abnormal not acute, subacute, acute among the 50 records
+    assert counts.tolist() == [2, 15, 3, 0]  # normal, abnormal not acute, subacute, acute among the 20 records
     args = [
         "fit",
         "--config",

@@ -10,27 +10,25 @@ import pytest
 import scipy.io
 import torch
 
+from ecgfm.registry import PREPROCESSING
 from ecgfm.signal import (
-    PREPROCESSING,
     ECGFounderPreprocessing,
     NoPreprocessing,
     ZScore,
-    build_preprocessing,
+    create_preprocessing,
     ecgfounder_preprocess_numpy,
     resample,
     segment_starts,
     to_millivolts,
 )
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = Path(__file__).resolve().parent / "data"  # real recordings shipped with the tests (data/README.md)
 CINC = DATA / "cinc2021"
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def load_cinc_mv(record: str) -> np.ndarray:
     """A CinC 2021 record [12, 5000] in mV (the headers say gain 1000 per mV, baseline 0)."""
-    if not DATA.is_dir():
-        pytest.skip(f"shared data folder {DATA} is absent")
     return scipy.io.loadmat(CINC / f"{record}.mat")["val"].astype(np.float64) / 1000.0
 
 
@@ -177,26 +175,26 @@ def test_no_preprocessing_returns_input_unchanged() -> None:
 
 
 def test_build_preprocessing_by_name_dict_and_none() -> None:
-    assert {"ecgfounder", "zscore", "none"} <= set(PREPROCESSING)
-    assert isinstance(build_preprocessing("ecgfounder"), ECGFounderPreprocessing)
-    assert isinstance(build_preprocessing(None), NoPreprocessing)
-    z = build_preprocessing({"name": "zscore", "per_lead": True})
+    assert {"ecgfounder", "zscore", "none"} <= set(PREPROCESSING.names())
+    assert isinstance(create_preprocessing("ecgfounder"), ECGFounderPreprocessing)
+    assert isinstance(create_preprocessing(None), NoPreprocessing)
+    z = create_preprocessing({"name": "zscore", "per_lead": True})
     assert isinstance(z, ZScore) and z.per_lead
-    us = build_preprocessing({"name": "ecgfounder", "notch_hz": 60.0, "fs": 250.0})
+    us = create_preprocessing({"name": "ecgfounder", "notch_hz": 60.0, "fs": 250.0})
     assert us.config()["notch_hz"] == 60.0 and us.config()["fs"] == 250.0
 
 
 def test_build_preprocessing_unknown_name_lists_known_ones() -> None:
-    with pytest.raises(ValueError, match="unknown preprocessing 'butterworth'.*ecgfounder.*none.*zscore"):
-        build_preprocessing("butterworth")
+    with pytest.raises(ValueError, match="unknown preprocessing name 'butterworth'.*ecgfounder.*none.*zscore"):
+        create_preprocessing("butterworth")
 
 
 @pytest.mark.parametrize("spec", ["ecgfounder", "zscore", "none", {"name": "ecgfounder", "band_hz": [0.5, 45]}])
 def test_config_round_trips_through_json(spec: str | dict) -> None:
-    module = build_preprocessing(spec)
+    module = create_preprocessing(spec)
     config = json.loads(json.dumps(module.config()))  # what a checkpoint stores
     assert config["name"] == (spec if isinstance(spec, str) else spec["name"])
-    assert build_preprocessing(config).config() == module.config()
+    assert create_preprocessing(config).config() == module.config()
 
 
 def test_ecgfounder_config_records_every_filter_parameter() -> None:

@@ -11,7 +11,7 @@ import lightning as L
 import pytest
 import torch
 
-from ecgfm.cli import main
+from ecgfm.commands import main
 from ecgfm.data.datamodule import ShardDataModule
 from ecgfm.evaluation.subsets import SubsetDataModule, evaluate_subsets, mask_leads, plan_subsets
 from ecgfm.heads import MultiLabelHead
@@ -152,7 +152,10 @@ def limb_checkpoint(ludb_shards, tmp_path_factory) -> Path:
 
 def test_subsets_table_of_a_lead_I_model(lead_i_checkpoint, tmp_path, capsys):
     checkpoint = torch.load(lead_i_checkpoint, map_location="cpu", weights_only=True)
-    assert checkpoint["ecgfm"]["leads"] == ["I"] and checkpoint["ecgfm"]["adapter"]["name"] == "fold_first_conv"
+    assert (
+        checkpoint["ecgfm"]["input"]["lead_names"] == ["I"]
+        and checkpoint["ecgfm"]["adapter"]["name"] == "fold_first_conv"
+    )
     out = tmp_path / "table.csv"
     # the data settings (root, split fractions) come from the checkpoint: the same held-out patients as training
     assert main(["subsets", f"--ckpt_path={lead_i_checkpoint}", f"--out={out}"]) == 0

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from ecgfm.cli import main, run_lightning
+from ecgfm.commands import main
+from ecgfm.commands.lightning import run_lightning
 from ecgfm.data.datamodule import ShardDataModule
 from ecgfm.heads import MultiLabelHead, RegressionHead
 from ecgfm.tasks import FineTuneTask
@@ -50,7 +51,7 @@ def test_fit_test_predict_and_reload(ludb_shards, tmp_path):
     ckpt = cli.trainer.checkpoint_callback.last_model_path
 
     checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
-    assert checkpoint["ecgfm"]["preprocessing"]["name"] == "ecgfounder"  # the chain travels with the weights
+    assert checkpoint["ecgfm"]["input"]["preprocessing"]["name"] == "ecgfounder"  # the chain travels with the weights
     assert checkpoint["ecgfm"]["heads"]["diagnoses"]["labels"][0] == "Sinus rhythm"
 
     # a checkpoint rebuilds its heads and gives the same outputs outside the trainer
@@ -142,7 +143,7 @@ def test_hparams_round_trip_through_plain_dicts():
     head = MultiLabelHead(name="d", labels=["a"], pos_weight=[2.0])
     task = FineTuneTask(backbone="net1d-tiny", heads=[head])
     config = task.hparams["heads"][0]
-    assert config["class_path"] == "ecgfm.heads.multilabel.MultiLabelHead"
+    assert config["kind"] == "multilabel" and config["pos_weight"] == [2.0]  # by registry name, every argument
     again = FineTuneTask(**{**task.hparams, "heads": [config]})
     assert again.heads["d"].pos_weight.tolist() == [2.0]
     assert np.isclose(again.hparams["lr"], task.hparams["lr"])
@@ -172,7 +173,7 @@ def test_quickstart_recipe_fine_tunes_from_an_ecgfounder_checkpoint(ludb_shards,
     import numpy as np
 
     from ecgfm.backbones import create_backbone
-    from ecgfm.quickstart import recipe_overrides
+    from ecgfm.commands.quickstart import recipe_overrides
 
     source = create_backbone("ecgfounder-12lead")
     weights = tmp_path / "12_lead_ECGFounder.pth"
@@ -193,11 +194,11 @@ def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
     assert main(["nonsense"]) == 2
 
 
-def test_predict_every_segment_of_an_unsplit_folder(shared_data, tmp_path):
+def test_predict_every_segment_of_an_unsplit_folder(test_data, tmp_path):
     """New recordings (one patient here, never split) are scored with --data.predict_split all."""
     from ecgfm.data.convert import convert
 
-    convert(shared_data / "ptbdb-s0010", tmp_path / "new", progress=False)
+    convert(test_data / "ptbdb-s0010", tmp_path / "new", progress=False)
     head = MultiLabelHead(name="diagnoses", labels=["a", "b"])
     task = FineTuneTask(backbone="net1d-tiny", heads=[head])
     import lightning as L

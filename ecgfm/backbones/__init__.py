@@ -1,15 +1,16 @@
-"""Backbones; importing this package registers every built-in backbone."""
+"""Backbones; importing this package registers every built-in backbone in ``ecgfm.registry.BACKBONES``."""
 
 from ecgfm.backbones import net1d  # noqa: F401  (registers the Net1D configs)
+from ecgfm.backbones.build import create_backbone
 from ecgfm.backbones.checkpoint import CheckpointError, load_state_dict_file, safe_torch_load
-from ecgfm.backbones.registry import InputSpec, create_backbone, list_backbones, register_backbone
+from ecgfm.backbones.config import ContractError, InputContract, ModelConfig
 
 __all__ = [
     "CheckpointError",
-    "InputSpec",
+    "ContractError",
+    "InputContract",
+    "ModelConfig",
     "create_backbone",
-    "list_backbones",
     "load_state_dict_file",
-    "register_backbone",
     "safe_torch_load",
 ]

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ecgfm.backbones.checkpoint import load_state_dict_file, load_strict
-from ecgfm.backbones.registry import InputSpec, register_backbone
+from ecgfm.backbones.config import ContractError, InputContract, ModelConfig
+from ecgfm.leads import STANDARD_FS, STANDARD_LEADS, STANDARD_N_SAMPLES, parse_leads
+from ecgfm.registry import BACKBONES
+from ecgfm.signal import ECGFounderPreprocessing
 
 
 def _same_padding(length: int, kernel_size: int, stride: int) -> tuple[int, int]:
@@ -168,11 +173,9 @@ class BasicStage(nn.Module):
 class Net1D(nn.Module):
     """ECGFounder's backbone. ``forward`` gives logits, ``forward_features`` the time-averaged features.
 
-    The argument names are ECGFounder's, so its constructor calls work unchanged.
+    The argument names are ECGFounder's, so its constructor calls work unchanged. A registered Net1D (built by
+    ``create_backbone``) also carries its ``model_config``.
     """
-
-    #: The convolution that reads the leads (lead adapters such as ``fold_first_conv`` resize it).
-    first_conv_name = "first_conv.conv"
 
     def __init__(
         self,
@@ -187,26 +190,11 @@ class Net1D(nn.Module):
         n_classes: int = 150,
         use_bn: bool = False,
         use_do: bool = False,
-        input_spec: InputSpec | None = None,
     ):
         super().__init__()
         if len(filter_list) != len(m_blocks_list):
             raise ValueError(f"filter_list {filter_list} and m_blocks_list {m_blocks_list} differ in length")
         self.use_bn = use_bn
-        self.config = {
-            "in_channels": in_channels,
-            "base_filters": base_filters,
-            "ratio": ratio,
-            "filter_list": list(filter_list),
-            "m_blocks_list": list(m_blocks_list),
-            "kernel_size": kernel_size,
-            "stride": stride,
-            "groups_width": groups_width,
-            "n_classes": n_classes,
-            "use_bn": use_bn,
-            "use_do": use_do,
-        }
-        self.input_spec = input_spec or InputSpec()
         self.first_conv = MyConv1dPadSame(in_channels, base_filters, kernel_size=kernel_size, stride=2)
         self.first_bn = nn.BatchNorm1d(base_filters)
         self.first_activation = Swish()
@@ -254,9 +242,11 @@ class Net1D(nn.Module):
         return unused
 
     def reset_classifier(self, num_classes: int) -> None:
-        """Replace ``dense`` with a fresh Linear(num_features -> num_classes)."""
+        """Replace ``dense`` with a fresh Linear(num_features -> num_classes) (the model config follows)."""
         self.dense = nn.Linear(self.num_features, num_classes)
-        self.config["n_classes"] = num_classes
+        config = getattr(self, "model_config", None)
+        if config is not None:
+            self.model_config = config.replace(architecture={**config.architecture, "n_classes": num_classes})
 
     def load_pretrained(
         self, path: Path, state_filter: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None
@@ -293,37 +283,98 @@ def checkpoint_filter_fn(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def _net1d(num_classes: int | None, lead_names: tuple[str, ...] | None = None, **kwargs) -> Net1D:
-    spec = InputSpec(lead_names=lead_names) if lead_names else InputSpec()
-    kwargs.setdefault("in_channels", len(spec.lead_names))
-    if num_classes is not None:
-        kwargs["n_classes"] = num_classes
-    return Net1D(input_spec=spec, **kwargs)
+#: Net1D's constructor arguments with ECGFounder's values: a registered config overrides some of them.
+NET1D_ARCHITECTURE: dict[str, Any] = {
+    "in_channels": 12,
+    "base_filters": 64,
+    "ratio": 1,
+    "filter_list": [64, 160, 160, 400, 400, 1024, 1024],
+    "m_blocks_list": [2, 2, 2, 3, 3, 4, 4],
+    "kernel_size": 16,
+    "stride": 2,
+    "groups_width": 16,
+    "n_classes": 150,
+    "use_bn": False,
+    "use_do": False,
+}
 
 
-@register_backbone("ecgfounder-12lead")
-def ecgfounder_12lead(num_classes: int | None = None, **kwargs) -> Net1D:
+def ecgfounder_input(lead_names: tuple[str, ...] = STANDARD_LEADS) -> InputContract:
+    """ECGFounder's input: 10 s at 500 Hz in mV through its filter chain (every parameter written out)."""
+    chain = ECGFounderPreprocessing(fs=STANDARD_FS).config()
+    return InputContract(STANDARD_FS, STANDARD_N_SAMPLES, lead_names, "mV", chain)
+
+
+def net1d_config(name: str, lead_names: tuple[str, ...] = STANDARD_LEADS, **architecture: Any) -> ModelConfig:
+    """The model config of a registered Net1D: ECGFounder's architecture with ``architecture`` changed."""
+    arch = {**NET1D_ARCHITECTURE, **architecture, "in_channels": len(lead_names)}
+    n_stages = len(arch["filter_list"])
+    return ModelConfig(
+        name=name,
+        architecture=arch,
+        input=ecgfounder_input(lead_names),
+        num_features=int(arch["filter_list"][-1]),
+        first_conv="first_conv.conv",
+        classifier="dense",
+        blocks=("first_conv", *(f"stage_list.{i}" for i in range(n_stages))),
+    )
+
+
+def build_net1d(default: ModelConfig, input: InputContract | Mapping[str, Any] | None = None, **options: Any) -> Net1D:
+    """A Net1D from its registered config, with architecture ``options`` and an ``input`` contract changed.
+
+    ``lead_names=("I",)`` is a shortcut for an input contract with those leads (and as many input channels).
+    """
+    contract = default.input if input is None else input
+    if isinstance(contract, Mapping):
+        contract = InputContract.from_dict(contract)
+    lead_names = options.pop("lead_names", None)
+    if lead_names is not None:
+        contract = dataclasses.replace(contract, lead_names=parse_leads(lead_names))
+    options.setdefault("in_channels", len(contract.lead_names))  # one input channel per lead unless told
+    config = default.with_options(contract, **options)
+    arch = config.architecture
+    if arch["in_channels"] != len(config.input.lead_names):
+        raise ContractError(
+            f"backbone {default.name!r}: in_channels={arch['in_channels']} but the input contract names "
+            f"{len(config.input.lead_names)} leads ({', '.join(config.input.lead_names)})"
+        )
+    model = Net1D(**arch)
+    model.model_config = config.replace(num_features=model.num_features)
+    return model
+
+
+ECGFOUNDER_12LEAD = net1d_config("ecgfounder-12lead")
+ECGFOUNDER_1LEAD = net1d_config("ecgfounder-1lead", lead_names=("I",))
+NET1D_SMALL = net1d_config(
+    "net1d-small", base_filters=32, filter_list=[32, 64, 64, 128, 128], m_blocks_list=[1, 1, 1, 1, 1]
+)
+NET1D_TINY = net1d_config("net1d-tiny", base_filters=16, filter_list=[16, 32], m_blocks_list=[1, 1], kernel_size=8)
+
+
+@BACKBONES.register("ecgfounder-12lead")
+def ecgfounder_12lead(input: InputContract | None = None, **options: Any) -> Net1D:
     """ECGFounder's released 12-lead Net1D (30.8 M parameters, 150 labels)."""
-    return _net1d(num_classes, **kwargs)
+    return build_net1d(ECGFOUNDER_12LEAD, input, **options)
 
 
-@register_backbone("ecgfounder-1lead")
-def ecgfounder_1lead(num_classes: int | None = None, **kwargs) -> Net1D:
+@BACKBONES.register("ecgfounder-1lead")
+def ecgfounder_1lead(input: InputContract | None = None, **options: Any) -> Net1D:
     """ECGFounder's released single-lead Net1D: lead I only."""
-    return _net1d(num_classes, lead_names=("I",), **kwargs)
+    return build_net1d(ECGFOUNDER_1LEAD, input, **options)
 
 
-@register_backbone("net1d-small")
-def net1d_small(num_classes: int | None = None, **kwargs) -> Net1D:
+@BACKBONES.register("net1d-small")
+def net1d_small(input: InputContract | None = None, **options: Any) -> Net1D:
     """A ~0.25 M-parameter Net1D with the same structure, for CPU demos and fine-tuning from scratch."""
-    defaults = dict(base_filters=32, filter_list=[32, 64, 64, 128, 128], m_blocks_list=[1, 1, 1, 1, 1])
-    defaults.update(kwargs)
-    return _net1d(num_classes, **defaults)
+    return build_net1d(NET1D_SMALL, input, **options)
 
 
-@register_backbone("net1d-tiny")
-def net1d_tiny(num_classes: int | None = None, **kwargs) -> Net1D:
+@BACKBONES.register("net1d-tiny")
+def net1d_tiny(input: InputContract | None = None, **options: Any) -> Net1D:
     """A few-thousand-parameter Net1D for unit tests."""
-    defaults = dict(base_filters=16, filter_list=[16, 32], m_blocks_list=[1, 1], kernel_size=8)
-    defaults.update(kwargs)
-    return _net1d(num_classes, **defaults)
+    return build_net1d(NET1D_TINY, input, **options)
+
+
+for _factory in (ecgfounder_12lead, ecgfounder_1lead, net1d_small, net1d_tiny):
+    _factory.options = (*NET1D_ARCHITECTURE, "lead_names", "input")  # what `ecgfm list backbones` shows

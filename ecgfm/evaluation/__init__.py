@@ -1,5 +1,3 @@
-"""Evaluation beyond one test run: one checkpoint scored on several lead subsets (``ecgfm subsets``)."""
-
-from ecgfm.evaluation.subsets import DEFAULT_SUBSETS, SubsetPlan, evaluate_subsets, mask_leads, plan_subsets
-
-__all__ = ["DEFAULT_SUBSETS", "SubsetPlan", "evaluate_subsets", "mask_leads", "plan_subsets"]
+"""Evaluation beyond the training loop: one checkpoint scored on several lead subsets (``ecgfm.evaluation.subsets``)
+and the per-split tables callback (``ecgfm.evaluation.tables``). Import the module you need; this package imports
+nothing, so the task can use the tables callback without loading the evaluators that load tasks."""

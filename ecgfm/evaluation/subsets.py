@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import csv
 import fnmatch
-import io
 import math
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
@@ -28,6 +27,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from ecgfm.io import atomic_write
 from ecgfm.leads import STANDARD_LEADS, LeadError, lead_indices, parse_leads
 
 __all__ = [
@@ -138,6 +138,15 @@ class SubsetDataModule(L.LightningDataModule):
     @property
     def target_specs(self) -> dict[str, Any]:
         return self.data.target_specs
+
+    @property
+    def manifest(self) -> Any:
+        """The wrapped data's manifest, so the model checks its rate, length and leads as for any run."""
+        return getattr(self.data, "manifest", None)
+
+    @property
+    def root(self) -> Any:
+        return getattr(self.data, "root", ".")
 
     def setup(self, stage: str | None = None) -> None:
         self.data.trainer = self.trainer
@@ -289,13 +298,8 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
 
 def write_table(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
     """Write the rows as CSV (``TABLE_COLUMNS``, full-precision values) and return the path."""
-    from ecgfm.data.shards import atomic_write_text
-
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=list(TABLE_COLUMNS))
-    writer.writeheader()
-    writer.writerows(rows)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, text.getvalue())
-    return path
+    with atomic_write(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(TABLE_COLUMNS))
+        writer.writeheader()
+        writer.writerows(rows)
+    return Path(path)

@@ -1,105 +1,28 @@
-"""Distillation: a fine-tuned teacher (e.g. 12-lead) gives soft targets to a student (e.g. lead I) on the same segments.
+"""``ecgfm distill-cache``: run a teacher checkpoint once over a shard folder and store its raw outputs in the shards.
 
-``FineTuneTask(teacher=CKPT)`` runs the frozen teacher beside the student in training; each student head with a
-teacher head of the same name (same kind, target and labels) adds ``distill_weight * head.distillation_loss(...)``.
-``ecgfm distill-cache --teacher CKPT --root SHARDS`` instead stores the teacher's raw outputs in the shards once,
-as target ``teacher_<head>`` (kind ``regression``, one column per output), and records the checkpoint and its sha256
-in ``manifest.json`` under ``source.teacher_cache``; ``FineTuneTask(teacher=CKPT, teacher_cache=True)`` then reads
-them instead of running the teacher, after checking that CKPT is the checkpoint they came from.
+Each head's output goes to target ``teacher_<head>`` (kind ``regression``, one column per output) of every shard, and
+``manifest.json`` records the checkpoint and its sha256 under ``source.teacher_cache``; a student fitted with
+``teacher_cache: true`` then reads them (see :class:`ecgfm.finetune.distillation.Distiller`).
 """
 
 from __future__ import annotations
 
-import os
-import sys
-from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import h5py
 import numpy as np
 import torch
 
-from ecgfm.data.shards import Manifest, ShardError, TargetSpec, open_shard
-from ecgfm.zoo import sha256sum
+from ecgfm.data.shards import MANIFEST_NAME, Manifest, ShardError, TargetSpec, open_shard
+from ecgfm.finetune.distillation import CACHE_KEY, head_signature, teacher_target
+from ecgfm.heads import Head
+from ecgfm.io import atomic_path, sha256sum
+from ecgfm.tasks import FineTuneTask
 
-if TYPE_CHECKING:
-    from ecgfm.heads import Head
-    from ecgfm.tasks import FineTuneTask
+__all__ = ["TEACHER_UNITS", "cache_teacher_outputs"]
 
-__all__ = [
-    "CACHE_KEY",
-    "cache_record",
-    "cache_teacher_outputs",
-    "head_signature",
-    "load_teacher",
-    "match_heads",
-    "teacher_target",
-]
-
-#: ``manifest.source[CACHE_KEY]`` describes the cached teacher outputs: checkpoint, sha256 and heads.
-CACHE_KEY = "teacher_cache"
 TEACHER_UNITS = "raw teacher output"
-
-
-def teacher_target(head: str) -> str:
-    """The shard target holding the cached outputs of the teacher's head ``head``."""
-    return f"teacher_{head}"
-
-
-def head_signature(head: Head) -> dict[str, Any]:
-    """What a student head and a teacher head must share: kind, target and labels."""
-    return {"kind": head.kind, "target": head.target, "labels": list(head.labels or [])}
-
-
-def load_teacher(path: str | Path) -> FineTuneTask:
-    """A FineTuneTask checkpoint on the CPU, frozen and in eval mode (its own teacher, if any, is never loaded)."""
-    from ecgfm.tasks import FineTuneTask
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"teacher checkpoint {path} does not exist")
-    teacher = FineTuneTask.load_from_checkpoint(path, map_location="cpu", teacher=None, teacher_cache=False)
-    teacher.requires_grad_(False)
-    return teacher.eval()
-
-
-def _labels(labels: list[str]) -> str:
-    return str(labels) if len(labels) <= 6 else f"[{', '.join(map(repr, labels[:5]))}, ... {len(labels)} labels]"
-
-
-def match_heads(student: Mapping[str, Head], teacher: Mapping[str, dict[str, Any]], source: str) -> list[str]:
-    """Names of the student heads that the teacher has, checked to agree in kind, target and labels.
-
-    ``teacher`` maps head names to :func:`head_signature` dicts; ``source`` names the teacher in messages.
-    """
-    matched = [name for name in student if name in teacher]
-    if not matched:
-        raise ValueError(
-            f"the teacher ({source}) has none of the student's heads {list(student)} (it has {list(teacher)}); "
-            "distillation pairs heads by name"
-        )
-    for name in matched:
-        s, t = head_signature(student[name]), {**teacher[name], "labels": list(teacher[name]["labels"])}
-        differ = [key for key in ("kind", "target", "labels") if s[key] != t[key]]
-        if differ:
-            raise ValueError(
-                f"head {name!r}: the teacher's head ({source}) is a {t['kind']} head on target {t['target']!r} with "
-                f"labels {_labels(list(t['labels']))}, the student's a {s['kind']} head on target {s['target']!r} "
-                f"with labels {_labels(s['labels'])}; distillation needs the same {', '.join(differ)}"
-            )
-    return matched
-
-
-def cache_record(manifest: Manifest, root: str | Path = "") -> dict[str, Any]:
-    """The ``teacher_cache`` entry of a manifest; a clear error when the folder has no cached teacher outputs."""
-    record = manifest.source.get(CACHE_KEY)
-    if not record or any(teacher_target(h) not in manifest.targets for h in record.get("heads", {})):
-        raise ShardError(
-            f"{Path(root) / 'manifest.json'} has no cached teacher outputs: run "
-            f"`ecgfm distill-cache --teacher CKPT --root {root or 'SHARDS'}` first"
-        )
-    return record
 
 
 def _column_names(head: Head, width: int) -> list[str]:
@@ -128,26 +51,20 @@ def _shard_outputs(teacher: FineTuneTask, path: Path, batch_size: int, device: t
 
 def _rewrite_shard(path: Path, add: dict[str, tuple[TargetSpec, np.ndarray, dict]], drop: set[str]) -> None:
     """Copy the shard with targets ``drop`` left out and ``add`` (spec, values, extra attributes) written, then
-    rename it over the original."""
-    tmp = path.with_name(path.name + ".teacher.tmp")  # ``*.tmp``: a conversion of the folder sweeps leftovers
-    try:
-        with h5py.File(path, "r") as src, h5py.File(tmp, "w") as dst:
-            dst.attrs.update(dict(src.attrs))
-            for key in src:
-                if key != "targets":
-                    src.copy(src[key], dst, name=key)  # H5Ocopy keeps the layout: /signal stays contiguous
-            group = dst.create_group("targets")
-            group.attrs.update(dict(src["targets"].attrs))
-            for key in src["targets"]:
-                if key not in drop and key not in add:
-                    src.copy(src["targets"][key], group, name=key)
-            for name, (spec, values, attrs) in add.items():
-                dset = group.create_dataset(name, data=values.astype(np.float32))
-                dset.attrs.update({"names": spec.names, "units": spec.units, "kind": spec.kind, **attrs})
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    rename it over the original (atomically: a kill leaves the old shard)."""
+    with atomic_path(path) as tmp, h5py.File(path, "r") as src, h5py.File(tmp, "w") as dst:
+        dst.attrs.update(dict(src.attrs))
+        for key in src:
+            if key != "targets":
+                src.copy(src[key], dst, name=key)  # H5Ocopy keeps the layout: /signal stays contiguous
+        group = dst.create_group("targets")
+        group.attrs.update(dict(src["targets"].attrs))
+        for key in src["targets"]:
+            if key not in drop and key not in add:
+                src.copy(src["targets"][key], group, name=key)
+        for name, (spec, values, attrs) in add.items():
+            dset = group.create_dataset(name, data=values.astype(np.float32))
+            dset.attrs.update({"names": spec.names, "units": spec.units, "kind": spec.kind, **attrs})
 
 
 def cache_teacher_outputs(teacher: str, root: str, batch_size: int = 64, device: str = "auto") -> dict[str, Any]:
@@ -167,10 +84,11 @@ def cache_teacher_outputs(teacher: str, root: str, batch_size: int = 64, device:
     """
     root_path, ckpt = Path(root), Path(teacher)
     manifest = Manifest.load(root_path)
-    model = load_teacher(ckpt)
+    model = FineTuneTask.load_frozen(ckpt)
     digest = sha256sum(ckpt)
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     model.to(dev)
+    model.check_data(manifest, root_path / MANIFEST_NAME)  # the teacher's rate, length and leads
 
     previous = manifest.source.get(CACHE_KEY) or {}
     stale = {teacher_target(h) for h in previous.get("heads", {})}
@@ -216,19 +134,3 @@ def cache_teacher_outputs(teacher: str, root: str, batch_size: int = 64, device:
     }
     manifest.save(root_path)
     return manifest.source[CACHE_KEY]
-
-
-def run_distill_cache(argv: list[str]) -> int:
-    """``ecgfm distill-cache --teacher CKPT --root SHARDS [--batch_size N] [--device auto]``."""
-    from jsonargparse import ArgumentParser
-
-    parser = ArgumentParser(
-        prog="ecgfm distill-cache", description=cache_teacher_outputs.__doc__.split("\n\n")[0].strip()
-    )
-    parser.add_function_arguments(cache_teacher_outputs)
-    cfg = {k: v for k, v in parser.parse_args(argv).as_dict().items() if k != "__path__"}
-    record = cache_teacher_outputs(**cfg)
-    heads = ", ".join(f"{teacher_target(h)}" for h in record["heads"])
-    print(f"cached the outputs of {record['checkpoint']} (sha256 {record['sha256'][:12]}) as {heads} in {cfg['root']}")
-    sys.stdout.flush()
-    return 0

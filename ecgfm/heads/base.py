@@ -1,10 +1,10 @@
-"""The head contract: forward, masked loss, metrics, post-processing into named predictions; and the head registry."""
+"""The head contract: forward, masked loss, metrics, post-processing into named predictions; heads register in
+``ecgfm.registry.HEADS``."""
 
 from __future__ import annotations
 
-import importlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -12,47 +12,29 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 
+from ecgfm.captured import CapturesArguments, plain
 from ecgfm.data.shards import TargetSummary
-
-_HEADS: dict[str, type[Head]] = {}
-
-
-def register_head(kind: str) -> Callable[[type[Head]], type[Head]]:
-    """Register a Head subclass under a short name usable in recipes (``kind: multilabel``)."""
-
-    def decorator(cls: type[Head]) -> type[Head]:
-        if kind in _HEADS:
-            raise ValueError(f"head kind {kind!r} is already registered")
-        cls.kind = kind
-        _HEADS[kind] = cls
-        return cls
-
-    return decorator
+from ecgfm.registry import HEADS, UnknownNameError
 
 
-def list_heads() -> list[str]:
-    """Registered head kinds, sorted."""
-    return sorted(_HEADS)
-
-
-def create_head(spec: Head | dict[str, Any]) -> Head:
-    """Build a head from an instance, ``{"kind": ..., **kwargs}`` or ``{"class_path": ..., "init_args": ...}``."""
+def create_head(spec: Head | Mapping[str, Any]) -> Head:
+    """A head from an instance, ``{"kind": ..., **arguments}`` (what checkpoints store) or a recipe's
+    ``{"class_path": ..., "init_args": ...}``; a class path is matched to a registered head by class name, so moving
+    a head's file never breaks an old checkpoint, and nothing outside the registry is imported."""
     if isinstance(spec, Head):
         return spec
     spec = dict(spec)
     if "class_path" in spec:
-        module_name, _, cls_name = spec["class_path"].rpartition(".")
-        if not module_name.startswith("ecgfm."):
-            raise ValueError(f"head class {spec['class_path']!r} is outside ecgfm; refusing to import it")
-        cls = getattr(importlib.import_module(module_name), cls_name)
-        return cls(**spec.get("init_args", {}))
-    kind = spec.pop("kind", None)
-    if kind not in _HEADS:
-        raise ValueError(f"unknown head kind {kind!r}; registered: {', '.join(list_heads())}")
-    return _HEADS[kind](**spec)
+        class_name = str(spec["class_path"]).rpartition(".")[2]
+        kinds = [kind for kind in HEADS.names() if HEADS.get(kind).__name__ == class_name]
+        if not kinds:
+            known = ", ".join(HEADS.get(kind).__name__ for kind in HEADS.names())
+            raise UnknownNameError(f"unknown head class {spec['class_path']!r}; registered head classes: {known}")
+        return HEADS.create({"kind": kinds[0], **spec.get("init_args", {})})
+    return HEADS.create(spec)
 
 
-class Head(nn.Module, ABC):
+class Head(CapturesArguments, nn.Module, ABC):
     """Maps backbone features [B, D] to one target's outputs; layers are built once the label names are known.
 
     Args:
@@ -148,19 +130,14 @@ class Head(nn.Module, ABC):
         return {}
 
     def config(self) -> dict[str, Any]:
-        """The constructor call that rebuilds this head (saved in checkpoints)."""
-        return {
-            "class_path": f"{type(self).__module__}.{type(self).__qualname__}",
-            "init_args": self.init_args(),
-        }
+        """``{"kind": ..., **constructor arguments}``: the call that rebuilds this head (saved in checkpoints)."""
+        return {"kind": self.kind, **self.captured_arguments(), **plain(self.resolved_arguments())}
 
-    def init_args(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "target": self.target,
-            "labels": self.labels,
-            "loss_weight": self.loss_weight,
-        }
+    def resolved_arguments(self) -> dict[str, Any]:
+        """Arguments whose value the head resolved after it was built: label names from the data or a file, ranges
+        read from a CSV, classes filled in from defaults. They override the captured call, so a checkpoint never
+        depends on the file still being there or on today's defaults."""
+        return {"target": self.target, "labels": self.labels}
 
 
 def masked_mean(values: Tensor, mask: Tensor) -> Tensor:

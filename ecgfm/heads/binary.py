@@ -13,8 +13,9 @@ from torch import Tensor, nn
 from torchmetrics import MetricCollection
 
 from ecgfm.data.shards import TargetSummary
-from ecgfm.heads.base import Head, fill_missing, masked_mean, register_head, sigmoid_distillation
+from ecgfm.heads.base import Head, fill_missing, masked_mean, sigmoid_distillation
 from ecgfm.metrics import BinnedScores
+from ecgfm.registry import HEADS
 
 LOSSES = ("bce", "weighted_bce", "fbeta")
 CRITERIA = ("f1", "balanced_accuracy")
@@ -30,7 +31,7 @@ def soft_fbeta(probs: Tensor, target: Tensor, weight: Tensor, beta: float = 1.0,
     return (1 + b2) * tp / ((1 + b2) * tp + b2 * fn + fp + eps)
 
 
-@register_head("binary")
+@HEADS.register("binary")
 class BinaryHead(Head):
     """One logit for one binary label; missing labels are masked out of the loss and the metrics.
 
@@ -242,15 +243,3 @@ class BinaryHead(Head):
     def postprocess(self, output: Tensor) -> dict[str, Tensor]:
         logits = output.float().reshape(-1)
         return {f"p_{self.label}": torch.sigmoid(logits), self.label: (logits >= self.threshold).long()}
-
-    def init_args(self) -> dict:
-        return {
-            **super().init_args(),
-            "loss": self.loss_name,
-            "pos_weight": self.pos_weight_value,
-            "beta": self.beta,
-            "fbeta_mix": self.fbeta_mix,
-            "threshold_criterion": self.threshold_criterion,
-            "dropout": self.dropout,
-            "bins": self.bins,
-        }

@@ -12,9 +12,10 @@ import torch
 from torch import Tensor
 from torchmetrics import MetricCollection
 
-from ecgfm.heads.base import fill_missing, register_head
+from ecgfm.heads.base import fill_missing
 from ecgfm.heads.regression import RegressionHead
 from ecgfm.metrics import BinnedScores
+from ecgfm.registry import HEADS
 
 SCORE_RANGE = 10.0  # abnormality scores are distances outside the range in training sds, binned over +-10
 
@@ -44,7 +45,7 @@ def load_reference_ranges(path: str | Path) -> dict[str, list[float | str | None
     return ranges
 
 
-@register_head("labs")
+@HEADS.register("labs")
 class LabsHead(RegressionHead):
     """One output per lab; values missing from an ECG's panel are masked out of the loss and every metric.
 
@@ -155,11 +156,6 @@ class LabsHead(RegressionHead):
             row["auroc_abnormal"] = float(auroc[i]) if scored[i] else float("nan")
         return {"per_lab": rows}
 
-    def init_args(self) -> dict:
-        return {
-            **super().init_args(),
-            "reference_ranges": None,  # the file's content is in ``ranges``: a checkpoint does not need the file
-            "ranges": self.ranges,
-            "auroc_above": self.auroc_above,
-            "bins": self.bins,
-        }
+    def resolved_arguments(self) -> dict[str, Any]:
+        # the file's ranges are in ``ranges``: a checkpoint does not need the file
+        return {**super().resolved_arguments(), "reference_ranges": None, "ranges": self.ranges}

@@ -15,8 +15,9 @@ from torch import Tensor, nn
 from torchmetrics import MetricCollection
 
 from ecgfm.data.shards import TargetSummary
-from ecgfm.heads.base import Head, fill_missing, register_head, row_mask, softmax_distillation
+from ecgfm.heads.base import Head, fill_missing, row_mask, softmax_distillation
 from ecgfm.metrics import BinnedScores, ConfusionCounts, confusion_statistics
+from ecgfm.registry import HEADS
 
 #: Per-class statistics of the confusion matrix, logged as ``<stat>`` (macro mean) and ``<stat>/<class>``.
 CLASS_STATS = ("sensitivity", "specificity", "ppv", "npv", "f1")
@@ -34,7 +35,7 @@ def _float(value: Any) -> float:
     return float(value) if value is not None and math.isfinite(float(value)) else float("nan")
 
 
-@register_head("multiclass")
+@HEADS.register("multiclass")
 class MulticlassHead(Head):
     """One logit per class; the target is one-hot (one column per class), a row with any column missing is unlabelled.
 
@@ -209,12 +210,3 @@ class MulticlassHead(Head):
         out = {f"p_{label}": probs[:, i] for i, label in enumerate(self.labels)}
         out["class"] = probs.argmax(-1)
         return out
-
-    def init_args(self) -> dict:
-        return {
-            **super().init_args(),
-            "class_weights": self.class_weights,
-            "label_smoothing": self.label_smoothing,
-            "dropout": self.dropout,
-            "bins": self.bins,
-        }

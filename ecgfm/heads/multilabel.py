@@ -15,8 +15,9 @@ from torch import Tensor, nn
 from torchmetrics import MetricCollection
 
 from ecgfm.data.shards import TargetSummary
-from ecgfm.heads.base import Head, fill_missing, masked_mean, register_head, sigmoid_distillation
+from ecgfm.heads.base import Head, fill_missing, masked_mean, sigmoid_distillation
 from ecgfm.metrics import BinnedScores
+from ecgfm.registry import HEADS
 
 
 def load_label_file(path: str | Path) -> list[str]:
@@ -54,7 +55,7 @@ def asymmetric_loss(logits: Tensor, target: Tensor, gamma_pos: float, gamma_neg:
     return -(target * positive + (1 - target) * negative)
 
 
-@register_head("multilabel")
+@HEADS.register("multilabel")
 class MultiLabelHead(Head):
     """One logit per label; missing labels (NaN in the shards) are masked out of the loss and the metrics.
 
@@ -250,18 +251,6 @@ class MultiLabelHead(Head):
             out[label] = called[:, i]
         return out
 
-    def init_args(self) -> dict:
-        return {
-            **super().init_args(),
-            "labels_file": None,  # the file's labels are in ``labels``: a checkpoint does not need the file
-            "loss": self.loss_name,
-            "pos_weight": self.pos_weight_values,
-            "max_pos_weight": self.max_pos_weight,
-            "gamma_pos": self.gamma_pos,
-            "gamma_neg": self.gamma_neg,
-            "clip": self.clip,
-            "dropout": self.dropout,
-            "bins": self.bins,
-            "log_per_label": self.log_per_label,
-            "threshold_criterion": self.threshold_criterion,
-        }
+    def resolved_arguments(self) -> dict[str, Any]:
+        # the file's labels are in ``labels``: a checkpoint does not need the file
+        return {**super().resolved_arguments(), "labels_file": None}

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 
-from ecgfm.heads.base import Head, fill_missing, masked_mean, register_head, row_mask, sigmoid_distillation
+from ecgfm.heads.base import Head, fill_missing, masked_mean, row_mask, sigmoid_distillation
 from ecgfm.metrics import (
     ConfusionCounts,
     StoredScores,
@@ -21,12 +21,13 @@ from ecgfm.metrics import (
     ordinal_concordance,
     polytomous_discrimination_index,
 )
+from ecgfm.registry import HEADS
 
 LINKS = ("cumulative_logit", "coral")
 _MIN_GAP = 1e-6  # smallest distance between two cutpoints the loss relies on (log P(y = k) stays finite)
 
 
-@register_head("ordinal")
+@HEADS.register("ordinal")
 class OrdinalHead(Head):
     """K ordered levels from one linear score f(x) and K-1 increasing cutpoints c_0 < ... < c_{K-2}.
 
@@ -241,11 +242,3 @@ class OrdinalHead(Head):
         out["expected_level"] = probs @ levels
         out["level"] = self.predicted_level(output).long()
         return out
-
-    def init_args(self) -> dict[str, Any]:
-        return {
-            **super().init_args(),
-            "link": self.link,
-            "class_weights": self.class_weight_values,
-            "dropout": self.dropout,
-        }

@@ -10,9 +10,10 @@ import torch
 from torch import Tensor
 from torchmetrics import MetricCollection
 
-from ecgfm.heads.base import fill_missing, register_head
+from ecgfm.heads.base import fill_missing
 from ecgfm.heads.regression import RegressionHead
 from ecgfm.metrics import BinnedScores
+from ecgfm.registry import HEADS
 
 #: Clinical classes read off the predicted concentration: name -> (direction, threshold in mmol/L).
 POTASSIUM_CLASSES: dict[str, tuple[str, float]] = {
@@ -24,7 +25,7 @@ POTASSIUM_CLASSES: dict[str, tuple[str, float]] = {
 SCORE_RANGE = 10.0  # class scores are (signed) distances to the threshold in training sds, binned over +-10
 
 
-@register_head("potassium")
+@HEADS.register("potassium")
 class PotassiumHead(RegressionHead):
     """Serum K+ in mmol/L; ``classes`` (``{name: ["<" | ">", threshold]}``) are scored from the continuous
     prediction: AUROC, and sensitivity/specificity of calling the class when the prediction crosses the threshold.
@@ -143,5 +144,6 @@ class PotassiumHead(RegressionHead):
             out[class_name] = called[:, i].float()
         return out
 
-    def init_args(self) -> dict:
-        return {**super().init_args(), "classes": {k: list(v) for k, v in self.classes.items()}, "bins": self.bins}
+    def resolved_arguments(self) -> dict[str, Any]:
+        # the classes in force, so a change of POTASSIUM_CLASSES never changes a saved model
+        return {**super().resolved_arguments(), "classes": {k: list(v) for k, v in self.classes.items()}}

@@ -14,8 +14,9 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric, MetricCollection
 
 from ecgfm.data.shards import TargetSummary
-from ecgfm.heads.base import Head, fill_missing, masked_mean, register_head
+from ecgfm.heads.base import Head, fill_missing, masked_mean
 from ecgfm.metrics import ColumnErrors
+from ecgfm.registry import HEADS
 
 LOSSES = ("mse", "huber", "gaussian_nll")
 LOG_VAR_RANGE = (-10.0, 10.0)  # standardised units: sd from 0.007 to 150 target sds
@@ -32,7 +33,7 @@ def _column_errors(metrics: MetricCollection) -> dict[str, Tensor]:
     return {key: value.reshape(-1) for key, value in metrics["errors"].compute().items()}
 
 
-@register_head("regression")
+@HEADS.register("regression")
 class RegressionHead(Head):
     """One output per target column (two with ``gaussian_nll``: mean and log-variance); the network predicts
     ``(y - mean) / std`` and post-processing undoes it. Missing values are masked, never imputed.
@@ -237,15 +238,3 @@ class RegressionHead(Head):
             if sd is not None:
                 out[f"{label}_sd{unit_suffix(unit)}"] = sd[:, i]
         return out
-
-    def init_args(self) -> dict:
-        return {
-            **super().init_args(),
-            "loss": self.loss_name,
-            "huber_delta": self.huber_delta,
-            "target_mean": self.target_mean,
-            "target_std": self.target_std,
-            "units": self.units,
-            "dropout": self.dropout,
-            "log_per_column": self.log_per_column,
-        }

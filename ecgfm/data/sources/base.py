@@ -1,11 +1,12 @@
-"""What every record reader returns, the reader registry, and the shared digital-to-millivolt conversion."""
+"""What every record reader returns and the shared digital-to-millivolt conversion; readers register in
+``ecgfm.registry.SOURCES``."""
 
 from __future__ import annotations
 
 import math
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,29 +68,6 @@ class SourceReader(ABC):
     @abstractmethod
     def read(self, path: Path) -> Record:
         """Read the record at ``path`` (with or without ``.hea``); raises RecordError if it cannot be read."""
-
-
-SOURCES: dict[str, type[SourceReader]] = {}
-
-
-def register_source(name: str) -> Callable[[type[SourceReader]], type[SourceReader]]:
-    """Class decorator that makes a reader available as ``get_source(name)`` (and in configs by that name)."""
-
-    def decorate(cls: type[SourceReader]) -> type[SourceReader]:
-        if name in SOURCES and SOURCES[name] is not cls:
-            raise ValueError(f"source {name!r} is already registered by {SOURCES[name].__name__}")
-        cls.name = name
-        SOURCES[name] = cls
-        return cls
-
-    return decorate
-
-
-def get_source(name: str, **options) -> SourceReader:
-    """A reader instance for a registered source name; unknown names fail with the list of known ones."""
-    if name not in SOURCES:
-        raise ValueError(f"unknown source {name!r}; known sources: {', '.join(sorted(SOURCES))}")
-    return SOURCES[name](**options)
 
 
 def record_base(path: Path) -> Path:

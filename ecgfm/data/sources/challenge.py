@@ -28,9 +28,9 @@ from ecgfm.data.sources.base import (
     parse_comment_fields,
     parse_sex,
     record_base,
-    register_source,
 )
 from ecgfm.data.triage import TRIAGE_LEVELS, load_triage_mapping, triage_level, triage_one_hot
+from ecgfm.registry import SOURCES
 
 # Challenge .mat files hold int16 samples, so WFDB's format-16 "no sample" code applies.
 _INVALID_INT16 = -(2**15)
@@ -102,7 +102,7 @@ DEFAULT_DX_MAPPING = (
 )
 
 
-@register_source("challenge")
+@SOURCES.register("challenge")
 class ChallengeReader(SourceReader):
     """Challenge records: int16 ``val`` in the .mat; per-lead gain/baseline/unit and labels in the .hea.
 

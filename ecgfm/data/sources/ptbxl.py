@@ -8,7 +8,6 @@ diagnostic classes, form and rhythm statements. ``strat_fold`` (1-10) keeps each
 from __future__ import annotations
 
 import ast
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -25,9 +24,10 @@ from ecgfm.data.sources.base import (
     header_path,
     parse_age,
     record_base,
-    register_source,
 )
 from ecgfm.data.sources.wfdb import WfdbReader
+from ecgfm.io import atomic_write_json
+from ecgfm.registry import SOURCES
 
 DATABASE_CSV = "ptbxl_database.csv"
 STATEMENTS_CSV = "scp_statements.csv"
@@ -169,7 +169,7 @@ def find_root(path: Path) -> Path | None:
     return None
 
 
-@register_source("ptbxl")
+@SOURCES.register("ptbxl")
 class PtbxlReader(SourceReader):
     """PTB-XL records at 100 or 500 Hz, in ecg_id order, with the CSV's patient ids, folds and SCP labels.
 
@@ -327,7 +327,4 @@ def ptbxl_split_file(root: Path, out: Path, val_folds: Sequence[int] = (9,), tes
     for patient, fold in fold_of.items():
         split = "val" if fold in val_folds else "test" if fold in test_folds else "train"
         splits[split].append(patient)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(splits, indent=1))
-    return out
+    return atomic_write_json(out, splits, indent=1)

@@ -20,8 +20,8 @@ from ecgfm.data.sources.base import (
     parse_comment_fields,
     parse_sex,
     record_base,
-    register_source,
 )
+from ecgfm.registry import SOURCES
 
 # The digital value WFDB reserves for "no sample" in each format (after wfdb's offset-binary conversion).
 INVALID_SAMPLE: dict[str, int] = {
@@ -127,7 +127,7 @@ def _read_plain_format16(record: Path, hea: Path) -> Record | None:
     )
 
 
-@register_source("wfdb")
+@SOURCES.register("wfdb")
 class WfdbReader(SourceReader):
     """Any single-segment WFDB record; gains, baselines and units come from its header, per lead."""
 

@@ -1,0 +1,149 @@
+"""The one registry every extensible kind uses: register a name, create from ``name`` or ``{name: ..., **options}``.
+
+Backbones, heads, lead adapters, preprocessing chains and source readers each have one :class:`Registry` below, so
+adding one is one file with one decorator (``@BACKBONES.register("my-net")``), every kind is created the same way
+and every unknown name or option fails with the same wording, listing what is known. Importing ``ecgfm`` registers
+every built-in entry.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Generic, TypeVar
+
+__all__ = ["ADAPTERS", "BACKBONES", "HEADS", "PREPROCESSING", "REGISTRIES", "SOURCES", "Registry", "UnknownNameError"]
+
+T = TypeVar("T")
+
+
+class UnknownNameError(ValueError):
+    """A name (or an option) that no registry entry has; the message lists the known ones."""
+
+
+class Registry(Generic[T]):
+    """Named factories of one kind (classes or functions).
+
+    Args:
+        kind: what the entries are, in messages (``"backbone"``).
+        key: the dict key that names the entry in a spec; heads use ``kind`` because ``name`` is the head's own name.
+        supplied: leading constructor arguments the framework passes, which are not options (an adapter's leads and
+            backbone).
+    """
+
+    def __init__(self, kind: str, key: str = "name", supplied: tuple[str, ...] = ()) -> None:
+        self.kind = kind
+        self.key = key
+        self.supplied = supplied
+        self._entries: dict[str, T] = {}
+
+    def register(self, name: str) -> Callable[[T], T]:
+        """Decorator registering a class or factory under ``name``; a class also gets ``cls.<key> = name``."""
+
+        def add(entry: T) -> T:
+            known = self._entries.get(name)
+            if known is not None and known is not entry:
+                raise ValueError(f"{self.kind} {name!r} is already registered by {_qualname(known)}")
+            if isinstance(entry, type):
+                setattr(entry, self.key, name)
+            self._entries[name] = entry
+            return entry
+
+        return add
+
+    def names(self) -> list[str]:
+        """The registered names, sorted."""
+        return sorted(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, name: str) -> T:
+        """The class or factory registered under ``name``."""
+        if name not in self._entries:
+            raise UnknownNameError(f"unknown {self.kind} {self.key} {name!r}; known: {', '.join(self.names())}")
+        return self._entries[name]
+
+    def parse(self, spec: str | Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+        """``"name"`` or ``{key: "name", **options}`` -> ``(name, options)``."""
+        if isinstance(spec, str):
+            return spec, {}
+        if isinstance(spec, Mapping):
+            if self.key not in spec:
+                raise ValueError(f"a {self.kind} given as a dict needs a {self.key!r} key, got keys {sorted(spec)}")
+            options = dict(spec)
+            return str(options.pop(self.key)), options
+        raise TypeError(f"a {self.kind} is given as a name or a dict with {self.key!r}, not {type(spec).__name__}")
+
+    def create(self, spec: str | Mapping[str, Any], *args: Any, **extra: Any) -> Any:
+        """Build the entry ``spec`` names with its options (and ``args``/``extra`` the caller adds).
+
+        An option the entry does not take fails here, with the options it does take, instead of being ignored.
+        """
+        name, options = self.parse(spec)
+        factory = self.get(name)
+        options.update(extra)
+        accepted = self.options_of(name)
+        if accepted is not None:
+            unknown = sorted(set(options) - set(accepted))
+            if unknown:
+                raise UnknownNameError(
+                    f"{self.kind} {name!r} has no option {', '.join(map(repr, unknown))}; "
+                    f"its options: {', '.join(accepted) or 'none'}"
+                )
+        return factory(*args, **options)
+
+    def options_of(self, name: str) -> list[str] | None:
+        """The options the entry takes: its ``options`` attribute when it declares one (a factory taking
+        ``**kwargs``), else its keyword parameters minus the ``supplied`` ones; None when it takes any keyword."""
+        factory = self.get(name)
+        declared = getattr(factory, "options", None)
+        if isinstance(declared, (list, tuple)):
+            return list(declared)
+        signature = inspect.signature(factory.__init__ if isinstance(factory, type) else factory)
+        params = [p for p in signature.parameters.values() if p.name != "self" and p.name not in self.supplied]
+        variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+        if isinstance(factory, type) and params and all(p.kind in variadic for p in params):
+            return []  # a class without an __init__ of its own (object's or nn.Module's): no options
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+            return None
+        keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        return [p.name for p in params if p.kind in keyword]
+
+    def describe(self, name: str) -> str:
+        """The first sentence of the entry's docstring: what ``ecgfm list`` prints beside the name."""
+        doc = inspect.getdoc(self.get(name)) or ""
+        paragraph = " ".join(doc.strip().split("\n\n")[0].split())
+        end = paragraph.find(". ")
+        return paragraph if end < 0 else paragraph[: end + 1]
+
+
+def _qualname(entry: Any) -> str:
+    return f"{getattr(entry, '__module__', '?')}.{getattr(entry, '__qualname__', repr(entry))}"
+
+
+#: Backbones: factories ``fn(**architecture, input=None) -> nn.Module`` with a ``model_config``.
+BACKBONES: Registry = Registry("backbone")
+#: Task heads: ``Head`` subclasses; a spec names its class with ``kind`` (``{kind: multilabel, name: dx, ...}``).
+HEADS: Registry = Registry("head", key="kind")
+#: Lead adapters: ``LeadAdapter`` subclasses built as ``cls(input_leads, backbone, **options)``.
+ADAPTERS: Registry = Registry("adapter", supplied=("input_leads", "backbone"))
+#: On-device preprocessing chains: ``nn.Module`` classes with ``forward(x, lead_mask)`` and ``config()``.
+PREPROCESSING: Registry = Registry("preprocessing")
+#: Source readers: ``SourceReader`` subclasses that find and read records of one on-disk format.
+SOURCES: Registry = Registry("source")
+
+#: Every registry by the plural ``ecgfm list`` takes.
+REGISTRIES: dict[str, Registry] = {
+    "backbones": BACKBONES,
+    "heads": HEADS,
+    "adapters": ADAPTERS,
+    "preprocessing": PREPROCESSING,
+    "sources": SOURCES,
+}
