@@ -1,4 +1,4 @@
-"""Shared fixtures: the real recordings in ../shared/data and a shard folder converted from the bundled LUDB."""
+"""Shared fixtures: the real recordings in tests/data, the bundled LUDB, and shard folders converted from them."""
 
 from __future__ import annotations
 
@@ -7,15 +7,24 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+TEST_DATA = Path(__file__).resolve().parent / "data"
 QUICKSTART_RECIPE = REPO / "recipes" / "quickstart" / "net1d-small.yaml"
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"real recordings not found at {SHARED_DATA} (CI has ../shared beside the repo)")
-    return SHARED_DATA
+def test_data() -> Path:
+    """The real PhysioNet recordings shipped with the tests: cinc2021/, ptbdb-s0010/, specs/ (see data/README.md)."""
+    assert (TEST_DATA / "cinc2021").is_dir(), f"{TEST_DATA} is incomplete: it ships with the tests"
+    return TEST_DATA
+
+
+@pytest.fixture(scope="session")
+def ludb_data() -> Path:
+    """LUDB records 1-120 (data/1 ... data/120) and ludb.csv, bundled with the package for the quickstart."""
+    from ecgfm.quickstart import DATA_DIR
+
+    assert len(list((DATA_DIR / "data").glob("*.hea"))) == 120, DATA_DIR
+    return DATA_DIR
 
 
 @pytest.fixture(scope="session")

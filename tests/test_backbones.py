@@ -13,7 +13,7 @@ import ecgfm
 from ecgfm.backbones import CheckpointError
 from ecgfm.backbones.net1d import Net1D
 
-SPEC = Path(__file__).resolve().parents[2] / "shared" / "specs" / "ecgfounder_12lead_state_dict.tsv"
+SPEC = Path(__file__).resolve().parent / "data" / "specs" / "ecgfounder_12lead_state_dict.tsv"
 
 
 def n_params(model: torch.nn.Module) -> int:
@@ -21,18 +21,16 @@ def n_params(model: torch.nn.Module) -> int:
 
 
 def test_registry_lists_released_and_small_configs():
-    names = ecgfm.list_backbones()
+    names = ecgfm.BACKBONES.names()
     for name in ("ecgfounder-12lead", "ecgfounder-1lead", "net1d-small", "net1d-tiny"):
         assert name in names
-    with pytest.raises(ValueError, match="unknown backbone 'nope'.*ecgfounder-12lead"):
+    with pytest.raises(ValueError, match="unknown backbone name 'nope'.*ecgfounder-12lead"):
         ecgfm.create_backbone("nope")
 
 
 def test_ecgfounder_12lead_matches_published_state_dict():
     model = ecgfm.create_backbone("ecgfounder-12lead")
     assert n_params(model) == 30_819_014
-    if not SPEC.is_file():
-        pytest.skip(f"{SPEC} not found")
     expected = []
     for line in SPEC.read_text().splitlines():
         key, shape, _dtype = line.split("\t")
@@ -45,7 +43,7 @@ def test_ecgfounder_1lead_parameters_and_forward_shapes():
     model = ecgfm.create_backbone("ecgfounder-1lead")
     assert n_params(model) == 30_807_750
     assert model.first_conv.conv.weight.shape == (64, 1, 16)
-    assert model.input_spec.lead_names == ("I",)
+    assert model.model_config.input.lead_names == ("I",)
     tiny = ecgfm.create_backbone("net1d-tiny", num_classes=3)
     x = torch.randn(2, 12, 5000)
     assert tiny(x).shape == (2, 3)
@@ -138,7 +136,7 @@ def test_unexpected_and_misshaped_keys_are_named(tmp_path):
     with pytest.raises(
         CheckpointError, match=r"first_conv\.conv\.weight: checkpoint \(16, 12, 8\) vs model \(16, 1, 8\)"
     ):
-        ecgfm.create_backbone("net1d-tiny", pretrained=path12, in_channels=1)
+        ecgfm.create_backbone("net1d-tiny", pretrained=path12, lead_names=("I",))
 
 
 def test_missing_head_is_not_silently_random(tmp_path):

@@ -10,11 +10,11 @@ import h5py
 import numpy as np
 import pytest
 
-from ecgfm.cli import main
+from ecgfm.commands import main
 from ecgfm.data.convert import convert
 from ecgfm.data.shards import Manifest, verify_shards
-from ecgfm.data.sources import get_source
 from ecgfm.leads import STANDARD_LEADS
+from ecgfm.registry import SOURCES
 from ecgfm.signal import resample
 
 
@@ -31,31 +31,31 @@ def read_all(out):
     return manifest, {k: np.concatenate(v) for k, v in arrays.items()}
 
 
-def test_shard_cli_converts_every_ludb_record(shared_data, tmp_path, capsys):
+def test_shard_cli_converts_every_ludb_record(ludb_data, tmp_path, capsys):
     out = tmp_path / "ludb"
-    assert main(["shard", "--source", str(shared_data / "ludb"), "--out", str(out), "--progress", "false"]) == 0
+    assert main(["shard", "--source", str(ludb_data), "--out", str(out), "--progress", "false"]) == 0
     printed = capsys.readouterr().out
-    assert "records read" in printed and "200" in printed
+    assert "records read" in printed and "120" in printed
     manifest, arrays = read_all(out)
-    assert manifest.n_segments == 200
-    assert sorted(set(arrays["record_id"]), key=int) == [str(i) for i in range(1, 201)]
-    assert arrays["signal"].dtype == np.int16 and arrays["signal"].shape == (200, 12, 5000)
+    assert manifest.n_segments == 120
+    assert sorted(set(arrays["record_id"]), key=int) == [str(i) for i in range(1, 121)]
+    assert arrays["signal"].dtype == np.int16 and arrays["signal"].shape == (120, 12, 5000)
     assert arrays["lead_mask"].all()
     assert verify_shards(out) == []
     # int16 µV on disk equals the reader's millivolts x 1000
-    record = get_source("wfdb").read(shared_data / "ludb" / "data" / "1")
+    record = SOURCES.create("wfdb").read(ludb_data / "data" / "1")
     row = list(arrays["record_id"]).index("1")
     np.testing.assert_allclose(arrays["signal"][row] / 1000.0, record.signal, atol=0.0006)
 
 
-def test_challenge_records_convert_with_named_diagnoses(shared_data, tmp_path):
-    summary = convert(shared_data / "cinc2021", tmp_path / "cinc", reader="challenge", progress=False)
-    assert summary.records_read == 50 and summary.segments_written == 50 and not summary.skipped
+def test_challenge_records_convert_with_named_diagnoses(test_data, tmp_path):
+    summary = convert(test_data / "cinc2021", tmp_path / "cinc", reader="challenge", progress=False)
+    assert summary.records_read == 20 and summary.segments_written == 20 and not summary.skipped
     # two Ningbo records store V2, V4 and V6 as all zeros: kept, with those leads masked as missing
     flat = "leads V2 V4 V6 are flat or NaN: stored as missing (lead_mask 0)"
     assert sorted(summary.warnings) == [
-        (str(shared_data / "cinc2021" / "JS20004"), flat),
-        (str(shared_data / "cinc2021" / "JS20008"), flat),
+        (str(test_data / "cinc2021" / "JS20004"), flat),
+        (str(test_data / "cinc2021" / "JS20008"), flat),
     ]
     manifest = Manifest.load(tmp_path / "cinc")
     names = manifest.targets["dx"].names
@@ -70,31 +70,31 @@ def test_challenge_records_convert_with_named_diagnoses(shared_data, tmp_path):
     assert {names[i] for i in np.flatnonzero(row)} == {"NSR", "STC"}
 
 
-def test_challenge_mapping_tables_can_be_replaced(shared_data, tmp_path):
+def test_challenge_mapping_tables_can_be_replaced(test_data, tmp_path):
     table = tmp_path / "my_map.csv"
     table.write_text("Dx,SNOMEDCTCode,Abbreviation\nsinus rhythm,426783006,SR\n")
-    convert(shared_data / "cinc2021", tmp_path / "cinc", reader="challenge", dx_mapping=[table], progress=False)
+    convert(test_data / "cinc2021", tmp_path / "cinc", reader="challenge", dx_mapping=[table], progress=False)
     names = Manifest.load(tmp_path / "cinc").targets["dx"].names
     assert "SR" in names and "NSR" not in names and "427084000" in names  # unknown codes keep their number
 
 
-def test_ptb_1000hz_15_signals_become_three_500hz_segments(shared_data, tmp_path):
-    summary = convert(shared_data / "ptbdb-s0010", tmp_path / "ptb", progress=False)
+def test_ptb_1000hz_15_signals_become_three_500hz_segments(test_data, tmp_path):
+    summary = convert(test_data / "ptbdb-s0010", tmp_path / "ptb", progress=False)
     assert summary.records_read == 1 and summary.segments_written == 3
     manifest, arrays = read_all(tmp_path / "ptb")
     assert arrays["signal"].shape == (3, 12, 5000)  # vx, vy, vz dropped; 12 standard leads kept
     assert list(arrays["segment_start"]) == [0, 5000, 10000]
-    record = get_source("wfdb").read(shared_data / "ptbdb-s0010" / "s0010_re")
+    record = SOURCES.create("wfdb").read(test_data / "ptbdb-s0010" / "s0010_re")
     lead_ii = resample(record.signal[record.lead_names.index("II")][None], 1000, 500)[0]
     np.testing.assert_allclose(arrays["signal"][1, 1] / 1000.0, lead_ii[5000:10000], atol=0.0006)
 
 
-def test_corrupt_record_is_reported_by_name_and_the_rest_kept(shared_data, tmp_path):
+def test_corrupt_record_is_reported_by_name_and_the_rest_kept(ludb_data, tmp_path):
     src = tmp_path / "src"
     src.mkdir()
     for i in (1, 2, 3, 4):
         for ext in ("hea", "dat"):
-            shutil.copy(shared_data / "ludb" / "data" / f"{i}.{ext}", src / f"{i}.{ext}")
+            shutil.copy(ludb_data / "data" / f"{i}.{ext}", src / f"{i}.{ext}")
     with open(src / "3.dat", "r+b") as f:
         f.truncate(1000)
     (src / "4.dat").unlink()
@@ -108,12 +108,12 @@ def test_corrupt_record_is_reported_by_name_and_the_rest_kept(shared_data, tmp_p
     assert rows[0] == ["record", "reason"] and {r[0] for r in rows[1:]} == set(skipped)
 
 
-def test_label_table_targets_and_unmatched_records(shared_data, tmp_path):
+def test_label_table_targets_and_unmatched_records(ludb_data, tmp_path):
     src = tmp_path / "src"
     src.mkdir()
     for i in (1, 2, 3):
         for ext in ("hea", "dat"):
-            shutil.copy(shared_data / "ludb" / "data" / f"{i}.{ext}", src / f"{i}.{ext}")
+            shutil.copy(ludb_data / "data" / f"{i}.{ext}", src / f"{i}.{ext}")
     table = tmp_path / "labels.csv"
     table.write_text("record,patient,potassium,dx\n1,p1,4.1,AF;LVH\n2,p1,,LVH\n")
     summary = convert(
@@ -139,30 +139,30 @@ def test_label_table_targets_and_unmatched_records(shared_data, tmp_path):
         assert list(f["targets/potassium"].attrs["names"]) == ["potassium"]
 
 
-def test_label_table_with_unknown_column_names_it(shared_data, tmp_path):
+def test_label_table_with_unknown_column_names_it(ludb_data, tmp_path):
     table = tmp_path / "labels.csv"
     table.write_text("record,dx\n1,AF\n")
     with pytest.raises(KeyError, match=r"no column\(s\) \['diagnosis'\]"):
-        convert(shared_data / "ludb" / "data", tmp_path / "o", labels=table, multilabel={"d": ["diagnosis"]})
+        convert(ludb_data / "data", tmp_path / "o", labels=table, multilabel={"d": ["diagnosis"]})
 
 
-def test_verify_reports_truncated_shard(shared_data, tmp_path, capsys):
+def test_verify_reports_truncated_shard(test_data, tmp_path, capsys):
     out = tmp_path / "out"
-    convert(shared_data / "cinc2021", out, reader="challenge", records_per_shard=20, progress=False)
+    convert(test_data / "cinc2021", out, reader="challenge", records_per_shard=8, progress=False)
     manifest = Manifest.load(out)
-    assert [s["n_segments"] for s in manifest.shards] == [20, 20, 10]
+    assert [s["n_segments"] for s in manifest.shards] == [8, 8, 4]
     assert main(["shard", "verify", str(out)]) == 0
     victim = out / manifest.shards[1]["path"]
     data = victim.read_bytes()
     victim.write_bytes(data[: len(data) // 2])
     assert main(["shard", "verify", str(out)]) == 1
     assert str(victim) in capsys.readouterr().out
-    assert json.loads((out / "manifest.json").read_text())["n_segments"] == 50
+    assert json.loads((out / "manifest.json").read_text())["n_segments"] == 20
 
 
-def test_parallel_workers_give_the_same_shards(shared_data, tmp_path):
-    serial = convert(shared_data / "cinc2021", tmp_path / "a", reader="challenge", progress=False)
-    parallel = convert(shared_data / "cinc2021", tmp_path / "b", reader="challenge", workers=2, progress=False)
+def test_parallel_workers_give_the_same_shards(test_data, tmp_path):
+    serial = convert(test_data / "cinc2021", tmp_path / "a", reader="challenge", progress=False)
+    parallel = convert(test_data / "cinc2021", tmp_path / "b", reader="challenge", workers=2, progress=False)
     assert (serial.records_read, serial.segments_written) == (parallel.records_read, parallel.segments_written)
     _, a = read_all(tmp_path / "a")
     _, b = read_all(tmp_path / "b")
@@ -170,18 +170,18 @@ def test_parallel_workers_give_the_same_shards(shared_data, tmp_path):
     assert list(a["record_id"]) == list(b["record_id"])
 
 
-def test_killed_conversion_resumes_to_the_same_manifest(shared_data, tmp_path):
+def test_killed_conversion_resumes_to_the_same_manifest(ludb_data, tmp_path):
     import os
     import signal
     import subprocess
     import sys
     import time
 
-    source = shared_data / "ludb"
+    source = ludb_data
     args = ["--records_per_shard", "2", "--progress", "false"]
     killed = tmp_path / "killed"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "ecgfm.cli", "shard", "--source", str(source), "--out", str(killed), *args],
+        [sys.executable, "-m", "ecgfm", "shard", "--source", str(source), "--out", str(killed), *args],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -206,14 +206,14 @@ def test_killed_conversion_resumes_to_the_same_manifest(shared_data, tmp_path):
     )
     assert not list(killed.glob("*.tmp"))  # no half-written file is left behind
     assert (
-        (resumed.records_read, resumed.segments_written) == (fresh.records_read, fresh.segments_written) == (200, 200)
+        (resumed.records_read, resumed.segments_written) == (fresh.records_read, fresh.segments_written) == (120, 120)
     )
     _, a = read_all(killed)
     _, b = read_all(tmp_path / "fresh")
     np.testing.assert_array_equal(a["signal"], b["signal"])
 
 
-def test_each_bad_input_is_named_and_the_rest_converts(shared_data, tmp_path):
+def test_each_bad_input_is_named_and_the_rest_converts(ludb_data, tmp_path):
     """A NaN-filled record, a header that lies about its length, a record shorter than 10 s and a record with
     unknown lead names are each reported by file name; a truncated shard is reported by verify and the reader."""
     import wfdb
@@ -222,8 +222,8 @@ def test_each_bad_input_is_named_and_the_rest_converts(shared_data, tmp_path):
     src.mkdir()
     for i in (1, 2):
         for ext in ("hea", "dat"):
-            shutil.copy(shared_data / "ludb" / "data" / f"{i}.{ext}", src / f"{i}.{ext}")
-    good = get_source("wfdb").read(shared_data / "ludb" / "data" / "1")
+            shutil.copy(ludb_data / "data" / f"{i}.{ext}", src / f"{i}.{ext}")
+    good = SOURCES.create("wfdb").read(ludb_data / "data" / "1")
     digital = np.rint(good.signal.T * 1000).astype(np.int16)
     names = [n.lower() for n in good.lead_names]
 
@@ -271,14 +271,14 @@ def test_each_bad_input_is_named_and_the_rest_converts(shared_data, tmp_path):
         dataset.__getitems__(list(range(len(dataset))))
 
 
-def test_parquet_table_with_lab_draw_times(shared_data, tmp_path):
+def test_parquet_table_with_lab_draw_times(ludb_data, tmp_path):
     import pandas as pd
 
     src = tmp_path / "src"
     src.mkdir()
     for i in (1, 2, 3):
         for ext in ("hea", "dat"):
-            shutil.copy(shared_data / "ludb" / "data" / f"{i}.{ext}", src / f"{i}.{ext}")
+            shutil.copy(ludb_data / "data" / f"{i}.{ext}", src / f"{i}.{ext}")
     table = pd.DataFrame(
         {"record": ["1", "2", "3"], "patient": ["a", "b", "c"], "k": [4.2, 6.1, 3.1], "hours": [0.5, -3.0, None]}
     )
@@ -302,3 +302,25 @@ def test_parquet_table_with_lab_draw_times(shared_data, tmp_path):
     assert k[0] == pytest.approx(4.2)  # drawn 0.5 h after the ECG: kept
     assert np.isnan(k[1]) and np.isnan(k[2])  # 3 h before, or at an unknown time: masked, the ECG is kept
     assert hours[0] == pytest.approx(0.5) and hours[1] == pytest.approx(-3.0) and np.isnan(hours[2])
+
+
+def test_a_rerun_sweeps_what_a_killed_writer_left_and_keeps_finished_shards(tmp_path):
+    import wfdb
+
+    from ecgfm.data.synthetic import synthesize
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    src.mkdir()
+    for i, signal in enumerate(synthesize(2, seed=0)[0]):
+        digital = np.rint(signal.T * 1000).astype(np.int16)
+        header = dict(fs=500, units=["mV"] * 12, sig_name=list(STANDARD_LEADS), fmt=["16"] * 12)
+        wfdb.wrsamp(f"r{i}", d_signal=digital, adc_gain=[1000.0] * 12, baseline=[0] * 12, write_dir=str(src), **header)
+    convert(src, out, records_per_shard=1, progress=False)
+    finished = sorted(p.name for p in out.iterdir())
+    leftovers = [out / ".partial-0123abcd.tmp", out / "shard-00001.h5.signal.tmp"]  # a temporary file, a spool
+    for path in leftovers:
+        path.write_bytes(b"half")
+    assert convert(src, out, records_per_shard=1, progress=False).shards_reused == 2
+    assert sorted(p.name for p in out.iterdir()) == finished
+    shards = ["shard-00000.h5", "shard-00000.json", "shard-00001.h5", "shard-00001.json"]
+    assert finished == ["manifest.json", "patient_keys.npy", *shards, "skipped.csv", "warnings.csv"]

@@ -38,9 +38,9 @@ def test_patient_split_hash_is_stable():
     assert abs(counts["test"] / 10000 - 0.2) < 0.02 and abs(counts["val"] / 10000 - 0.1) < 0.02
 
 
-def test_segments_of_one_patient_stay_together(shared_data, tmp_path):
+def test_segments_of_one_patient_stay_together(test_data, tmp_path):
     out = tmp_path / "ptb"
-    convert(shared_data / "ptbdb-s0010", out, progress=False)  # one patient, three segments
+    convert(test_data / "ptbdb-s0010", out, progress=False)  # one patient, three segments
     ds = ShardDataset(out)
     assert len(ds) == 3 and len(set(ds.patient_ids())) == 1
     dm = ShardDataModule(str(out), val_fraction=0.0, test_fraction=0.0)

@@ -14,13 +14,14 @@ import scipy.io
 import scipy.signal
 import wfdb
 
-from ecgfm.cli import main
+from ecgfm.commands import main
 from ecgfm.data.convert import convert
 from ecgfm.data.datamodule import ShardDataModule
 from ecgfm.data.shards import Manifest, verify_shards
-from ecgfm.data.sources import PtbxlReader, RecordError, get_source, ptbxl_split_file
+from ecgfm.data.sources import PtbxlReader, RecordError, ptbxl_split_file
+from ecgfm.registry import SOURCES
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = Path(__file__).resolve().parent / "data"  # real recordings shipped with the tests (data/README.md)
 # PTB-XL writes lead names in upper case
 LEADS = ["I", "II", "III", "AVR", "AVL", "AVF", "V1", "V2", "V3", "V4", "V5", "V6"]
 
@@ -92,8 +93,6 @@ def write_layout(root: Path, rows=ROWS) -> Path:
 
 @pytest.fixture(scope="module")
 def ptbxl(tmp_path_factory) -> Path:
-    if not (DATA / "cinc2021").is_dir():
-        pytest.skip(f"shared data folder {DATA} is absent")
     return write_layout(tmp_path_factory.mktemp("data") / "ptb-xl")
 
 
@@ -116,10 +115,10 @@ def read_shards(out: Path) -> dict[str, np.ndarray]:
 
 
 def test_find_records_follows_the_csv_in_ecg_id_order(ptbxl: Path) -> None:
-    assert get_source("ptbxl").find_records(ptbxl) == [
+    assert SOURCES.create("ptbxl").find_records(ptbxl) == [
         ptbxl / f"records500/06000/0600{i}_hr" for i in range(5)
     ]  # 06004 is missing on disk and still listed: read() reports it
-    assert get_source("ptbxl", sampling=100).find_records(ptbxl)[0] == ptbxl / "records100/06000/06000_lr"
+    assert SOURCES.create("ptbxl", sampling=100).find_records(ptbxl)[0] == ptbxl / "records100/06000/06000_lr"
 
 
 def test_500hz_records_convert_with_superclasses_patients_and_folds(ptbxl: Path, tmp_path: Path) -> None:
@@ -148,7 +147,7 @@ def test_500hz_records_convert_with_superclasses_patients_and_folds(ptbxl: Path,
     assert shards["lead_mask"].all()
 
     # the stored µV are the real recording's samples (upper-case AVR, AVL, AVF mapped to aVR, aVL, aVF)
-    original = get_source("challenge").read(DATA / "cinc2021" / "HR06002")
+    original = SOURCES.create("challenge").read(DATA / "cinc2021" / "HR06002")
     np.testing.assert_allclose(shards["signal"][2] / 1000.0, original.signal, atol=6e-4)
 
 
@@ -156,12 +155,12 @@ def test_100hz_records_are_resampled_to_500hz_segments(ptbxl: Path, tmp_path: Pa
     summary = convert(ptbxl, tmp_path / "lr", reader="ptbxl", reader_options={"sampling": 100}, progress=False)
     assert summary.records_read == 4 and summary.segments_written == 4
     assert "06004_lr.hea" in summary.skipped[0][1]
-    record = get_source("ptbxl", sampling=100).read(ptbxl / "records100/06000/06000_lr")
+    record = SOURCES.create("ptbxl", sampling=100).read(ptbxl / "records100/06000/06000_lr")
     assert record.fs == 100 and record.signal.shape == (12, 1000) and record.patient_id == "15709"
 
     low = read_shards(tmp_path / "lr")
     assert low["signal"].shape == (4, 12, 5000) and list(low["segment_start"]) == [0, 0, 0, 0]
-    high = get_source("challenge").read(DATA / "cinc2021" / "HR06000").signal
+    high = SOURCES.create("challenge").read(DATA / "cinc2021" / "HR06000").signal
     # 500 -> 100 -> 500 Hz keeps the ECG below 50 Hz: the waveforms agree closely
     for lead in range(12):
         assert np.corrcoef(low["signal"][0, lead] / 1000.0, high[lead])[0, 1] > 0.95, lead
@@ -169,7 +168,7 @@ def test_100hz_records_are_resampled_to_500hz_segments(ptbxl: Path, tmp_path: Pa
 
 def test_label_sets_and_min_likelihood(ptbxl: Path) -> None:
     sets = ["statements", "diagnostic", "subclass", "superclass", "form", "rhythm"]
-    reader = get_source("ptbxl", label_sets=sets)
+    reader = SOURCES.create("ptbxl", label_sets=sets)
     paths = reader.find_records(ptbxl)
     specs = reader.target_specs(paths)
     assert specs["ptbxl_statements"].names == ["IMI", "IRBBB", "LVOLT", "NDT", "NORM", "SBRAD", "SR", "STACH"]
@@ -187,7 +186,7 @@ def test_label_sets_and_min_likelihood(ptbxl: Path) -> None:
     assert values["ptbxl_form"].tolist() == [0, 0]  # no form statement: negative, not missing
 
     # likelihood 35 < 50: IMI is dropped; SBRAD (rhythm, likelihood 0 as always in PTB-XL) is kept
-    strict = get_source("ptbxl", label_sets=sets, min_likelihood=50)
+    strict = SOURCES.create("ptbxl", label_sets=sets, min_likelihood=50)
     strict_specs = strict.target_specs(paths)
     assert "IMI" not in strict_specs["ptbxl_statements"].names and "MI" not in strict_specs["ptbxl_superclass"].names
     strict_values = strict.targets(strict.read(paths[2]), strict_specs)
@@ -225,21 +224,21 @@ def test_missing_tables_bad_options_and_bad_rows_are_named(ptbxl: Path, tmp_path
     with pytest.raises(ValueError, match="unknown label set.*'classes'"):
         PtbxlReader(label_sets=["classes"])
     with pytest.raises(FileNotFoundError, match="ptbxl_database.csv"):
-        get_source("ptbxl").find_records(tmp_path)
+        SOURCES.create("ptbxl").find_records(tmp_path)
     partial = tmp_path / "partial"
     partial.mkdir()
     shutil.copy(ptbxl / "ptbxl_database.csv", partial)
     with pytest.raises(FileNotFoundError, match="scp_statements.csv"):
-        get_source("ptbxl").find_records(partial)
+        SOURCES.create("ptbxl").find_records(partial)
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="ptbxl_database.csv"):
         convert(tmp_path / "empty", tmp_path / "out", reader="ptbxl", progress=False)
 
     bad = write_layout(tmp_path / "bad", [(1, None, "5.0", "1", "{'NORM': __import__('os')}")])
     with pytest.raises(ValueError, match="ecg_id '1': unreadable scp_codes"):
-        get_source("ptbxl").find_records(bad)
+        SOURCES.create("ptbxl").find_records(bad)
     with pytest.raises(RecordError, match="no ptbxl_database.csv"):
-        get_source("ptbxl").read(tmp_path / "records500" / "00000" / "00001_hr")
+        SOURCES.create("ptbxl").read(tmp_path / "records500" / "00000" / "00001_hr")
 
 
 def test_shard_cli_takes_reader_options_as_json(ptbxl: Path, tmp_path: Path, capsys) -> None:
