@@ -3,7 +3,7 @@ with ``python -m ecgfm.__main__``)."""
 
 import sys
 
-from ecgfm.cli import main
+from ecgfm.commands import main
 
 if __name__ == "__main__":
     sys.exit(main())

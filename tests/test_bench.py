@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from ecgfm.cli import main
+from ecgfm.commands import main
 
 
 @pytest.mark.slow

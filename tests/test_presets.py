@@ -9,7 +9,8 @@ import pytest
 import yaml
 from lightning.pytorch.cli import LightningCLI
 
-from ecgfm.cli import main, run_lightning
+from ecgfm.commands import main
+from ecgfm.commands.lightning import run_lightning
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = REPO / "recipes" / "_base"

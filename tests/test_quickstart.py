@@ -11,7 +11,7 @@ import pytest
 def test_quickstart_end_to_end(tmp_path):
     out = tmp_path / "qs"
     proc = subprocess.run(
-        [sys.executable, "-m", "ecgfm.cli", "quickstart", "--out", str(out)],
+        [sys.executable, "-m", "ecgfm", "quickstart", "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=900,

@@ -9,7 +9,7 @@ import lightning as L
 import pytest
 import torch
 
-from ecgfm.cli import main
+from ecgfm.commands import main
 from ecgfm.data.convert import convert
 from ecgfm.data.datamodule import ShardDataModule
 from ecgfm.heads import LabsHead, MultiLabelHead, PotassiumHead
@@ -34,10 +34,10 @@ def run_recipe(recipe: str, shards: Path, tmp_path: Path, *extra: str) -> int:
 
 
 @pytest.fixture(scope="module")
-def challenge_shards(shared_data, tmp_path_factory) -> Path:
+def challenge_shards(test_data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("challenge-shards")
-    summary = convert(shared_data / "cinc2021", out, reader="challenge", progress=False)
-    assert summary.records_read == 50 and not summary.skipped
+    summary = convert(test_data / "cinc2021", out, reader="challenge", progress=False)
+    assert summary.records_read == 20 and not summary.skipped
     return out
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from ecgfm.cli import main
+from ecgfm.commands import main
 from ecgfm.data.synthetic import SYNTHETIC_LABS, write_synthetic_shards
 
 REPO = Path(__file__).resolve().parents[1]

@@ -16,30 +16,34 @@
 
 The defaults (3,000 segments, z-score preprocessing in place of the recipe's ECGFounder filter chain, which costs
 more than net1d-tiny itself on a CPU) take about 10-15 minutes on 2 CPU cores. Run it as
-``python -m ecgfm.bench.distillation --out ecgfm-distillation`` (``--help`` lists the options).
+``ecgfm bench distillation --out ecgfm-distillation`` (``--help`` lists the options).
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 import statistics
-import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "potassium" / "net1d-small.yaml"
+from ecgfm.io import atomic_write_json, sha256sum
+
+RECIPE = "potassium/net1d-small"  # a shipped recipe: `ecgfm recipes show potassium/net1d-small`
 
 
-def _run(command: str, out: Path, name: str, args: list[str]) -> Any:
-    from ecgfm.cli import run_lightning
+#: Runs one ``ecgfm fit | test`` argument list and returns the LightningCLI object (the command line's
+#: ``run_lightning``, which ``ecgfm bench distillation`` passes in: the library does not import the command line).
+Runner = Callable[[list[str]], Any]
 
-    return run_lightning(
+
+def _run(run: Runner, command: str, out: Path, name: str, args: list[str]) -> Any:
+    return run(
         [
             command,
             "--config",
-            str(RECIPE),
+            RECIPE,
             f"--trainer.default_root_dir={out / 'runs' / name}",
             f"--trainer.logger.init_args.save_dir={out / 'logs'}",
             f"--trainer.logger.init_args.name={name}",
@@ -50,24 +54,27 @@ def _run(command: str, out: Path, name: str, args: list[str]) -> Any:
     )
 
 
-def _fit_and_test(out: Path, name: str, args: list[str], test_args: list[str] = ()) -> dict[str, Any]:
+def _fit_and_test(run: Runner, out: Path, name: str, args: list[str], test_args: list[str] = ()) -> dict[str, Any]:
     """Fit, then test the checkpoint that is best on validation MAE; returns test metrics and seconds taken."""
     start = time.perf_counter()
-    cli = _run("fit", out, name, args)
+    cli = _run(run, "fit", out, name, args)
     callback = cli.trainer.checkpoint_callback
-    result = _test(out, name, [*args, *test_args], callback.best_model_path or callback.last_model_path, start)
+    best = callback.best_model_path or callback.last_model_path
+    result = _test(run, out, name, [*args, *test_args], best, start)
     if callback.last_model_path and callback.last_model_path != result["checkpoint"]:
         # the best checkpoint is chosen on the validation labels, which are few with a small label_fraction
-        last = _test(out, f"{name} (last)", [*args, *test_args], callback.last_model_path)
+        last = _test(run, out, f"{name} (last)", [*args, *test_args], callback.last_model_path)
         result["test_mae_last"] = last["test_mae"]
     else:
         result["test_mae_last"] = result["test_mae"]
     return result
 
 
-def _test(out: Path, name: str, args: list[str], checkpoint: str, start: float | None = None) -> dict[str, Any]:
+def _test(
+    run: Runner, out: Path, name: str, args: list[str], checkpoint: str, start: float | None = None
+) -> dict[str, Any]:
     start = time.perf_counter() if start is None else start
-    tested = _run("test", out, name, [*args, f"--ckpt_path={checkpoint}"])
+    tested = _run(run, "test", out, name, [*args, f"--ckpt_path={checkpoint}"])
     metrics = tested.trainer.callback_metrics
     result = {
         "test_mae": float(metrics["test/potassium/mae"]),
@@ -86,7 +93,6 @@ def _keep_labels(shards: Path, out: Path, fraction: float, target: str = "potass
     import numpy as np
 
     from ecgfm.data.shards import Manifest
-    from ecgfm.zoo import sha256sum
 
     shutil.rmtree(out, ignore_errors=True)
     shutil.copytree(shards, out)
@@ -111,6 +117,7 @@ def _summary(values: list[float]) -> str:
 
 
 def run_distillation_benchmark(
+    run: Runner,
     out: str = "ecgfm-distillation",
     n_segments: int = 3000,
     seeds: list[int] | None = None,
@@ -130,6 +137,7 @@ def run_distillation_benchmark(
     """Lead-I students with and without a 12-lead teacher on synthetic potassium: test MAE per seed.
 
     Args:
+        run: runs ``ecgfm fit | test`` from an argument list (the command line's ``run_lightning``).
         out: working folder (shards, runs, logs, results.json).
         n_segments: synthetic segments (4 per patient; 70/15/15 patient split).
         seeds: student seeds (default 0, 1, 2); the teacher uses seed 0.
@@ -147,7 +155,7 @@ def run_distillation_benchmark(
     """
     from ecgfm.data.shards import Manifest
     from ecgfm.data.synthetic import write_synthetic_shards
-    from ecgfm.distillation import cache_teacher_outputs
+    from ecgfm.finetune.teacher_cache import cache_teacher_outputs
 
     if not 0 < label_fraction <= 1:
         raise ValueError(f"label_fraction must be in (0, 1], got {label_fraction}")
@@ -171,9 +179,9 @@ def run_distillation_benchmark(
     ]
     teacher_args = [*common, "--seed_everything=0", f"--trainer.max_epochs={teacher_epochs}"]
     if teacher is None:
-        teacher_run = _fit_and_test(root, "teacher-12lead", teacher_args)
+        teacher_run = _fit_and_test(run, root, "teacher-12lead", teacher_args)
     else:
-        teacher_run = _test(root, "teacher-12lead", teacher_args, teacher)
+        teacher_run = _test(run, root, "teacher-12lead", teacher_args, teacher)
     if cache:
         cache_teacher_outputs(teacher_run["checkpoint"], str(shards), batch_size=batch_size)
     train_shards = shards if label_fraction == 1 else _keep_labels(shards, root / "shards-few-labels", label_fraction)
@@ -196,8 +204,9 @@ def run_distillation_benchmark(
     runs: dict[str, list[dict[str, Any]]] = {"plain": [], "distilled": []}
     for seed in seeds:
         args = [*student, f"--seed_everything={seed}"]
-        runs["plain"].append(_fit_and_test(root, f"student-I-plain-seed{seed}", args, tested_on))
-        runs["distilled"].append(_fit_and_test(root, f"student-I-distilled-seed{seed}", [*args, *distill], tested_on))
+        runs["plain"].append(_fit_and_test(run, root, f"student-I-plain-seed{seed}", args, tested_on))
+        with_teacher = _fit_and_test(run, root, f"student-I-distilled-seed{seed}", [*args, *distill], tested_on)
+        runs["distilled"].append(with_teacher)
 
     results: dict[str, Any] = {"teacher": teacher_run, "students": runs, "seeds": seeds}
     results["settings"] = {
@@ -214,7 +223,7 @@ def run_distillation_benchmark(
         "label_fraction": label_fraction,
         "student_init": student_init,
     }
-    (root / "results.json").write_text(json.dumps(results, indent=2))
+    atomic_write_json(root / "results.json", results)
     print("\ntest MAE, mmol/L (best checkpoint on validation MAE)")
     mean_mae = teacher_run["test_mae_of_mean"]
     print(f"  12-lead teacher             {teacher_run['test_mae']:.4f}  (predicting the mean: {mean_mae:.4f})")
@@ -230,17 +239,3 @@ def run_distillation_benchmark(
         print(f"  lead-I {kind:<10} {best}  (last: {last})")
     print(f"results: {root / 'results.json'}")
     return results
-
-
-def main(argv: list[str] | None = None) -> int:
-    from jsonargparse import ArgumentParser
-
-    parser = ArgumentParser(prog="python -m ecgfm.bench.distillation", description=__doc__.split("\n\n")[0])
-    parser.add_function_arguments(run_distillation_benchmark)
-    cfg = {k: v for k, v in parser.parse_args(argv).as_dict().items() if k != "__path__"}
-    run_distillation_benchmark(**cfg)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,58 @@
+"""``ecgfm bench data | metrics | distillation``: benchmarks measured against a baseline run beside them."""
+
+from __future__ import annotations
+
+import sys
+
+from jsonargparse import ArgumentParser
+
+USAGE = """usage: ecgfm bench data [--segments N] [--wfdb_records N] [--index_segments N] ...
+       ecgfm bench metrics [--labels N] [--samples N] [--batch N] [--bins N] ...
+       ecgfm bench distillation [--out DIR] [--n_segments N] [--seeds '[0,1,2]'] [--label_fraction F] ..."""
+
+
+def run(argv: list[str]) -> int:
+    if argv[:1] == ["data"]:
+        return run_data(argv[1:])
+    if argv[:1] == ["metrics"]:
+        return run_metrics(argv[1:])
+    if argv[:1] == ["distillation"]:
+        return run_distillation(argv[1:])
+    if argv[:1] in (["-h"], ["--help"]):
+        print(USAGE)
+        return 0
+    print(USAGE, file=sys.stderr)
+    return 2
+
+
+def run_data(argv: list[str]) -> int:
+    from ecgfm.bench.data import run_data_benchmark
+
+    parser = ArgumentParser(prog="ecgfm bench data", description=run_data_benchmark.__doc__)
+    parser.add_function_arguments(run_data_benchmark, skip={"console"})
+    cfg = parser.parse_args(argv).as_dict()
+    cfg["workers"] = tuple(cfg["workers"])
+    run_data_benchmark(**{k: v for k, v in cfg.items() if k != "__path__"})
+    return 0
+
+
+def run_metrics(argv: list[str]) -> int:
+    from ecgfm.bench.metrics import run_metrics_benchmark
+
+    parser = ArgumentParser(prog="ecgfm bench metrics", description=run_metrics_benchmark.__doc__.split("\n\n")[0])
+    parser.add_function_arguments(run_metrics_benchmark, skip={"console"})
+    cfg = parser.parse_args(argv).as_dict()
+    run_metrics_benchmark(**{k: v for k, v in cfg.items() if k != "__path__"})
+    return 0
+
+
+def run_distillation(argv: list[str]) -> int:
+    from ecgfm.bench.distillation import run_distillation_benchmark
+    from ecgfm.commands.lightning import run_lightning
+
+    description = run_distillation_benchmark.__doc__.split("\n\n")[0]
+    parser = ArgumentParser(prog="ecgfm bench distillation", description=description)
+    parser.add_function_arguments(run_distillation_benchmark, skip={"run"})
+    cfg = {k: v for k, v in parser.parse_args(argv).as_dict().items() if k != "__path__"}
+    run_distillation_benchmark(run_lightning, **cfg)
+    return 0

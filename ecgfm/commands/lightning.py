@@ -1,0 +1,110 @@
+"""``ecgfm fit | validate | test | predict``: Lightning's CLI over FineTuneTask and ShardDataModule; ``fit`` resumes."""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from typing import Any, Literal
+
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
+
+from ecgfm.checkpointing import AtomicCheckpointIO
+from ecgfm.commands.recipes import expand_config_names
+from ecgfm.data.datamodule import ShardDataModule
+from ecgfm.resume import (
+    HANDOFF_ENV,
+    RunPlan,
+    RunRecord,
+    apply_plan,
+    hand_off,
+    keep_csv_metrics,
+    plan_run,
+    spell_out_default_logger,
+)
+from ecgfm.tasks import FineTuneTask
+
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+
+
+class EcgfmCLI(LightningCLI):
+    """LightningCLI for FineTuneTask and ShardDataModule; ``fit`` also resumes and writes checkpoints atomically."""
+
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any):
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand == "fit":
+            parser.add_argument(
+                "--resume",
+                type=Literal["auto", "never"],
+                default="auto",
+                help="auto: when this command's earlier run did not finish, continue it from its newest checkpoint "
+                "(last.ckpt, or SLURM's hpc_ckpt_N.ckpt); never: always start a new run. --ckpt_path overrides both.",
+            )
+        return parser
+
+    def before_instantiate_classes(self) -> None:
+        self.run_plan: RunPlan | None = None
+        if self.subcommand != "fit" or self.config.fit.trainer.get("fast_dev_run"):
+            return  # a fast_dev_run writes no logs or checkpoints: there is no run to resume
+        config = self.config.fit
+        spell_out_default_logger(config.trainer)
+        mode = "never" if config.get("ckpt_path") else config.get("resume", "auto")
+        self.run_plan = plan_run(config, mode)
+        apply_plan(config, self.run_plan)
+        if _launch_rank() == 0 and self.run_plan.note:
+            print(f"ecgfm fit: {self.run_plan.note}{_plan_details(self.run_plan)}", file=sys.stderr)
+
+    def before_fit(self) -> None:
+        strategy = self.trainer.strategy
+        if type(strategy.checkpoint_io) is TorchCheckpointIO:  # the default; a recipe's own CheckpointIO is kept
+            strategy.checkpoint_io = AtomicCheckpointIO()
+        plan = self.run_plan
+        if plan is not None and plan.ckpt_path is not None:  # a resumed run's folders are meant to be non-empty
+            warnings.filterwarnings("ignore", message="(Checkpoint|Experiment logs) directory .* is not empty")
+            if plan.step is not None and _launch_rank() == 0:
+                keep_csv_metrics(self.trainer, plan.step)
+        if plan is not None and plan.run_dir is not None:
+            self.trainer.callbacks.append(RunRecord(plan.run_dir, plan.fingerprint, plan.ckpt_path))
+            if isinstance(strategy.launcher, _SubprocessScriptLauncher):
+                hand_off(plan)
+
+
+def _launch_rank() -> int:
+    """This process's rank as its launcher (torchrun, SLURM, Lightning's DDP launcher) set it; 0 when alone."""
+    for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    return 0
+
+
+def _plan_details(plan: RunPlan) -> str:
+    if plan.run_dir is None:
+        return ""
+    if plan.ckpt_path is None:
+        return f" in {plan.run_dir}"
+    return f" {plan.run_dir} from {plan.ckpt_path} (global step {plan.step})"
+
+
+def run_lightning(argv: list[str]) -> LightningCLI:
+    """Run a LightningCLI subcommand (``fit --config recipe.yaml ...``) and return the CLI object.
+
+    ``--config`` also takes a shipped recipe by name (``quickstart/net1d-small``) where no such file exists here.
+    """
+    saved = sys.argv
+    # LightningCLI reads sys.argv, and Lightning's DDP launcher starts the other processes by running
+    # `python sys.argv[0] sys.argv[1:]` (or `python -m ecgfm`): argv[0] stays the real program, the rest is argv.
+    program = saved[0] if saved and os.path.isfile(saved[0]) else "ecgfm"
+    sys.argv = [program, *expand_config_names(argv)]
+    try:
+        return EcgfmCLI(
+            FineTuneTask,
+            ShardDataModule,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"parser_mode": "yaml", "prog": "ecgfm"},
+            auto_configure_optimizers=False,
+        )
+    finally:
+        sys.argv = saved
+        os.environ.pop(HANDOFF_ENV, None)

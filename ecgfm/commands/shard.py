@@ -1,0 +1,50 @@
+"""``ecgfm shard``: a folder of records (+ a label table) -> HDF5 shards; ``ecgfm shard verify DIR`` checks them."""
+
+from __future__ import annotations
+
+from jsonargparse import ActionConfigFile, ArgumentParser
+
+from ecgfm.commands.recipes import expand_config_names
+
+
+def shard_parser() -> ArgumentParser:
+    from ecgfm.data.convert import convert
+
+    parser = ArgumentParser(prog="ecgfm shard", description="Convert a folder of ECG records into HDF5 shards.")
+    parser.add_argument(
+        "-c", "--config", action=ActionConfigFile, help="YAML file (or shipped recipe name) with any of the options"
+    )
+    parser.add_function_arguments(convert)
+    return parser
+
+
+def verify_parser() -> ArgumentParser:
+    parser = ArgumentParser(
+        prog="ecgfm shard verify",
+        description="Check every shard of a folder against its manifest: counts, checksums, datasets, attributes.",
+    )
+    parser.add_argument("shard_dir", type=str, help="the folder holding manifest.json and the shards")
+    return parser
+
+
+def run(argv: list[str]) -> int:
+    from ecgfm.data.convert import convert
+
+    if argv[:1] == ["verify"]:
+        return run_verify(argv[1:])
+    cfg = shard_parser().parse_args(expand_config_names(argv))
+    kwargs = {k: v for k, v in cfg.as_dict().items() if k not in ("config", "__path__")}
+    summary = convert(**kwargs)
+    summary.print()
+    return 0
+
+
+def run_verify(argv: list[str]) -> int:
+    from ecgfm.data.shards import verify_shards
+
+    shard_dir = verify_parser().parse_args(argv).shard_dir
+    problems = verify_shards(shard_dir)
+    for line in problems:
+        print(f"FAILED {line}")
+    print(f"{len(problems)} problem(s) in {shard_dir}")
+    return 1 if problems else 0
