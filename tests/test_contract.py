@@ -307,3 +307,29 @@ def test_a_batch_of_the_wrong_length_is_refused_before_the_backbone():
     task = _potassium_task().eval()
     with pytest.raises(ContractError, match=r"batch of shape \(2, 12, 2500\).*5000 samples at 500 Hz"):
         task(torch.zeros(2, 12, 2500, dtype=torch.int16))
+
+
+def test_the_command_line_refuses_a_100hz_manifest_in_one_line(small_shards, tmp_path, capsys):
+    from ecgfm.commands import main
+
+    root = _with_manifest(small_shards, tmp_path, fs=100.0, n_samples=1000)
+    code = main(
+        [
+            "validate",
+            "--config",
+            "potassium/net1d-small",  # a shipped recipe, by name
+            f"--data.root={root}",
+            "--data.targets=[potassium]",
+            f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.logger=false",
+            "--trainer.callbacks=[]",
+            "--trainer.enable_progress_bar=false",
+        ]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1
+    assert err[0] == (
+        f"ecgfm: error: {root / MANIFEST_NAME} holds 100 Hz x 1000 samples (10 s) segments but the model "
+        "'net1d-small' reads 500 Hz x 5000 samples (10 s); convert the records again for this model or use a model "
+        "made for this data"
+    )

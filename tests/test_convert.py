@@ -252,7 +252,7 @@ def test_each_bad_input_is_named_and_the_rest_converts(ludb_data, tmp_path):
     reasons = dict(summary.skipped)
     assert summary.records_read == 2 and set(reasons) == {str(src / n) for n in ("nanrec", "short", "oddleads", "liar")}
     assert "every lead is NaN or flat" in reasons[str(src / "nanrec")] and "nanrec" in reasons[str(src / "nanrec")]
-    assert "shorter than 10 s (6.00 s" in reasons[str(src / "short")]
+    assert "shorter than 10 s (6.00 s at 500 Hz)" in reasons[str(src / "short")]
     assert "no standard lead among ['x1', 'x2', 'x3']" in reasons[str(src / "oddleads")]
     assert "liar.dat" in reasons[str(src / "liar")] and "truncated" in reasons[str(src / "liar")]
 

@@ -223,7 +223,8 @@ def prepare_record(reader: Any, path: Path, stride: int | None, last_piece: str)
     pieces = cut_pieces(signal.shape[1], stride, last_piece)
     if not pieces:
         seconds = signal.shape[1] / STANDARD_FS
-        return _Converted(path, error=f"{path}: shorter than 10 s ({seconds:.2f} s at 500 Hz)")
+        segment_s = STANDARD_N_SAMPLES / STANDARD_FS
+        return _Converted(path, error=f"{path}: shorter than {segment_s:g} s ({seconds:.2f} s at {STANDARD_FS:g} Hz)")
     if pieces[-1][1] < STANDARD_N_SAMPLES:
         warnings.append(f"last piece padded: {pieces[-1][1]} real samples of {STANDARD_N_SAMPLES}")
     return _Converted(path, record, to_int16_microvolts(signal), lead_mask, pieces, warnings=warnings)
