@@ -333,3 +333,23 @@ def test_the_command_line_refuses_a_100hz_manifest_in_one_line(small_shards, tmp
         "'net1d-small' reads 500 Hz x 5000 samples (10 s); convert the records again for this model or use a model "
         "made for this data"
     )
+
+
+def test_a_checkpoint_from_before_model_configs_keeps_its_stored_chain(tmp_path):
+    """Older checkpoints stored the chain, leads and adapter (no model config): those are what loading uses."""
+    task = FineTuneTask(backbone="net1d-tiny", heads=[MultiLabelHead(name="d", labels=["a", "b"])])
+    ckpt = _fit_and_save(task, tmp_path)
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
+    chain = {**task.preprocessing.config(), "band_hz": [1.0, 30.0]}
+    checkpoint["ecgfm"] = {
+        "input_spec": {"fs": 500.0, "n_samples": 5000, "lead_names": list(STANDARD_LEADS)},
+        "leads": list(STANDARD_LEADS),
+        "adapter": {"name": "identity"},
+        "preprocessing": chain,
+        "heads": {"d": {"target": "d", "labels": ["a", "b"]}},
+    }
+    checkpoint["hyper_parameters"]["preprocessing"] = "ecgfounder"  # as old checkpoints had it: a bare name
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    with pytest.warns(UserWarning, match="preprocessing"):
+        old = FineTuneTask.load_from_checkpoint(tmp_path / "old.ckpt", map_location="cpu")
+    assert old.preprocessing.config() == chain and old.hparams["preprocessing"] == chain
