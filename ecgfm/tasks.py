@@ -96,9 +96,7 @@ class FineTuneTask(L.LightningModule):
             raise ValueError(
                 f"distill_temperature must be > 0 and distill_weight >= 0, got {distill_temperature}, {distill_weight}"
             )
-        heads = [create_head(h) for h in (heads or [])]
-        if not heads:
-            raise ValueError("FineTuneTask needs at least one head (model.heads in the recipe)")
+        heads = [create_head(h) for h in (heads or [])]  # none: the heads of the checkpoint it is evaluated from
         names = [h.name for h in heads]
         if len(set(names)) != len(names):
             raise ValueError(f"head names must be unique, got {names}")
@@ -220,32 +218,13 @@ class FineTuneTask(L.LightningModule):
 
     # ----------------------------------------------------------------- building from the data
     def setup(self, stage: str) -> None:
-        """Check the data against the model, give unbuilt heads their label names, load pretrained weights."""
+        """Check the data against the model and its heads, give unbuilt heads their labels, load pretrained weights."""
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         self._check_datamodule(datamodule)
-        specs = getattr(datamodule, "target_specs", {}) if datamodule is not None else {}
-        for head in self.heads.values():
-            if not head.is_built:
-                if head.target not in specs:
-                    raise KeyError(
-                        f"head {head.name!r} learns target {head.target!r}, which the data does not have "
-                        f"(targets: {list(specs)})"
-                    )
-                head.build(self.backbone.num_features, specs[head.target].names)
-            elif head.target in specs:
-                unknown = [lab for lab in head.labels if lab not in specs[head.target].names]
-                if unknown:
-                    raise KeyError(
-                        f"head {head.name!r}: labels {unknown} are not in target {head.target!r} of the data"
-                    )
-        self.hparams["heads"] = [h.config() for h in self.heads.values()]
-        self._label_columns = {}
-        for name, h in self.heads.items():  # resolved once here, so the training step only indexes
-            columns = [specs[h.target].names.index(lab) for lab in h.labels] if h.target in specs else None
-            identity = columns is not None and columns == list(range(len(specs[h.target].names)))
-            self._label_columns[name] = None if identity else columns
-        self._build_metrics()
+        if not self.heads:
+            return  # evaluating a checkpoint's own heads: on_load_checkpoint builds them (checked when a loop starts)
         restoring = self._trainer is not None and self.trainer.ckpt_path is not None
+        self._setup_heads(datamodule, stage)
         if stage == "fit" and not restoring:
             self._fit_head_statistics(datamodule)
         if self.hparams.pretrained and not restoring and not self._pretrained_loaded:
@@ -253,7 +232,44 @@ class FineTuneTask(L.LightningModule):
             self.backbone.load_pretrained(self.hparams.pretrained, state_filter=self.adapter.adapt_state_dict)
             self._pretrained_loaded = True
         if stage == "fit" and self.distiller is not None:
+            specs = getattr(datamodule, "target_specs", {}) if datamodule is not None else {}
             self.distiller.setup(self.heads, datamodule, list(specs), type(self).load_frozen)
+
+    def _setup_heads(self, datamodule: Any, stage: str | None) -> None:
+        """Check each head against its target in the data (present, of a kind it can learn, with its labels), give
+        unbuilt heads their label names, and resolve each head's columns once, so the training step only indexes.
+
+        ``predict`` needs no targets: a folder of new recordings may have none.
+        """
+        specs = getattr(datamodule, "target_specs", None) if datamodule is not None else None
+        specs = specs or {}
+        needs_targets = datamodule is not None and stage != "predict"
+        for head in self.heads.values():
+            spec = specs.get(head.target)
+            if spec is None:
+                if needs_targets or not head.is_built:
+                    raise KeyError(
+                        f"head {head.name!r} learns target {head.target!r}, which the data does not have "
+                        f"(its targets: {', '.join(specs) or 'none'})"
+                    )
+                continue
+            if head.target_kinds and spec.kind not in head.target_kinds:
+                raise ContractError(
+                    f"head {head.name!r} is a {head.kind} head, which learns {' or '.join(head.target_kinds)} "
+                    f"targets, but its target {head.target!r} is {spec.kind}; use a head of that kind"
+                )
+            if not head.is_built:
+                head.build(self.backbone.num_features, spec.names)
+            unknown = [lab for lab in head.labels if lab not in spec.names]
+            if unknown:
+                raise KeyError(f"head {head.name!r}: labels {unknown} are not in target {head.target!r} of the data")
+        self.hparams["heads"] = [h.config() for h in self.heads.values()]
+        self._label_columns = {}
+        for name, h in self.heads.items():
+            columns = [specs[h.target].names.index(lab) for lab in h.labels] if h.target in specs else None
+            identity = columns is not None and columns == list(range(len(specs[h.target].names)))
+            self._label_columns[name] = None if identity else columns
+        self._build_metrics()
 
     def _fit_head_statistics(self, datamodule: Any) -> None:
         """Heads that standardise or weight by the training split learn those constants once, before training."""
@@ -297,8 +313,28 @@ class FineTuneTask(L.LightningModule):
                     "legacy_preprocessing": stored["preprocessing"],
                 }
             )
-        if all(h.is_built for h in self.heads.values()):
+        if stored.get("version") == CONTRACT_VERSION:
+            self._heads_from(stored["heads"])
+        if self.heads and all(h.is_built for h in self.heads.values()):
             self._build_metrics()
+
+    def _heads_from(self, stored: dict[str, dict[str, Any]]) -> None:
+        """The checkpoint's heads when the recipe names none; else the recipe's, which must be the checkpoint's."""
+        if not self.heads:
+            heads = [create_head(config) for config in stored.values()]
+            for head in heads:
+                head.build(self.backbone.num_features, head.labels)
+            self.heads = nn.ModuleDict({h.name: h for h in heads})
+            self.hparams["heads"] = [h.config() for h in heads]
+            if self._trainer is not None:  # the trainer's setup ran before the checkpoint was read
+                self._setup_heads(getattr(self.trainer, "datamodule", None), self.trainer.state.fn)
+            return
+        differences = _head_differences({name: h.config() for name, h in self.heads.items()}, stored)
+        if differences:
+            raise ContractError(
+                f"the recipe's heads differ from the checkpoint's ({'; '.join(differences)}); leave model.heads out "
+                f"of the recipe to evaluate the checkpoint's own heads ({_describe_heads(stored)})"
+            )
 
     def _rebuild_from(self, stored: dict[str, Any]) -> None:
         backbone = ModelConfig.from_dict(stored["backbone"])
@@ -341,6 +377,25 @@ class FineTuneTask(L.LightningModule):
             self.backbone.eval()  # frozen: keep BatchNorm statistics and dropout fixed
             self.adapter.eval()
         return self
+
+    def _require_heads(self) -> None:
+        if not self.heads:
+            raise ValueError(
+                "FineTuneTask needs at least one head: model.heads in the recipe (only test, validate and predict "
+                "with --ckpt_path can leave them out, to evaluate the checkpoint's own heads)"
+            )
+
+    def on_fit_start(self) -> None:
+        self._require_heads()
+
+    def on_validation_start(self) -> None:
+        self._require_heads()
+
+    def on_test_start(self) -> None:
+        self._require_heads()
+
+    def on_predict_start(self) -> None:
+        self._require_heads()
 
     def configure_callbacks(self) -> list[L.Callback]:
         """The per-split tables (per-label AUROC, per-lab errors, ...) go to CSV files after each evaluation."""
@@ -474,3 +529,29 @@ class FineTuneTask(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["ecgfm"] = self.contract()
+
+
+def _describe_heads(configs: dict[str, dict[str, Any]]) -> str:
+    return ", ".join(
+        f"{name}: {c.get('kind')} on {c.get('target')!r} with {len(c.get('labels') or [])} labels"
+        for name, c in configs.items()
+    )
+
+
+def _head_differences(recipe: dict[str, dict[str, Any]], stored: dict[str, dict[str, Any]]) -> list[str]:
+    """What differs between two sets of head configs: names, then per head every argument both record."""
+    if set(recipe) != set(stored):
+        return [f"heads {sorted(recipe)} in the recipe, {sorted(stored)} in the checkpoint"]
+    out = []
+    for name, mine in recipe.items():
+        theirs = stored[name]
+        for key in sorted(set(mine) & set(theirs)):
+            if key == "labels" and mine[key] is None:
+                continue
+            if mine[key] != theirs[key]:
+                shown = (
+                    f"{len(v)} labels" if key == "labels" and len(v or []) > 6 else repr(v)
+                    for v in (mine[key], theirs[key])
+                )
+                out.append(f"{name}.{key}: {next(shown)} in the recipe, {next(shown)} in the checkpoint")
+    return out

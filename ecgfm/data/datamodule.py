@@ -14,7 +14,7 @@ from ecgfm.data.dataset import ShardDataset, collate
 from ecgfm.data.index import SPLITS, SegmentIndex, patient_split
 from ecgfm.data.loader import ShardLoader
 from ecgfm.data.sampler import ShardSampler
-from ecgfm.data.shards import Manifest, TargetSpec, TargetSummary
+from ecgfm.data.shards import MANIFEST_NAME, Manifest, TargetSpec, TargetSummary
 
 __all__ = ["ShardDataModule", "patient_split"]
 
@@ -72,6 +72,12 @@ class ShardDataModule(L.LightningDataModule):
     def target_specs(self) -> dict[str, TargetSpec]:
         """Target vocabularies from the manifest, used to build heads."""
         names = self.hparams.targets or list(self.manifest.targets)
+        unknown = [name for name in names if name not in self.manifest.targets]
+        if unknown:
+            raise KeyError(
+                f"data.targets names {unknown}, which {self.root / MANIFEST_NAME} does not have "
+                f"(its targets: {', '.join(self.manifest.targets) or 'none'})"
+            )
         return {name: self.manifest.targets[name] for name in names}
 
     def split_indices(self) -> dict[str, np.ndarray]:

@@ -45,6 +45,8 @@ class Head(CapturesArguments, nn.Module, ABC):
     """
 
     kind = "base"
+    #: The shard target kinds this head can learn (``TargetSpec.kind``); ``setup`` refuses any other.
+    target_kinds: tuple[str, ...] = ()
 
     def __init__(
         self,

@@ -49,6 +49,8 @@ class BinaryHead(Head):
         bins: histogram bins over logits in [-16, 16] for AUROC, AUPRC and threshold search.
     """
 
+    target_kinds = ("binary", "multilabel")
+
     def __init__(
         self,
         name: str = "outcome",

@@ -48,6 +48,8 @@ class MulticlassHead(Head):
         bins: histogram bins of the one-vs-rest AUROC (scores are logit(p_k), binned over [-16, 16]).
     """
 
+    target_kinds = ("multiclass",)
+
     def __init__(
         self,
         name: str = "electrolyte",

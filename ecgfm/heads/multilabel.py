@@ -71,6 +71,8 @@ class MultiLabelHead(Head):
         threshold_criterion: how ``calibrate`` picks each label's threshold on validation.
     """
 
+    target_kinds = ("multilabel", "binary")
+
     def __init__(
         self,
         name: str = "conditions",

@@ -45,6 +45,8 @@ class OrdinalHead(Head):
         dropout: dropout on the features before the linear score.
     """
 
+    target_kinds = ("multiclass",)
+
     def __init__(
         self,
         name: str = "triage",

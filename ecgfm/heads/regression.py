@@ -49,6 +49,8 @@ class RegressionHead(Head):
             (all of them are always in the ``per_column`` table).
     """
 
+    target_kinds = ("regression",)
+
     def __init__(
         self,
         name: str = "regression",
