@@ -92,7 +92,8 @@ def _keep_labels(shards: Path, out: Path, fraction: float, target: str = "potass
     import h5py
     import numpy as np
 
-    from ecgfm.data.shards import Manifest
+    from ecgfm.data.checksums import array_checksum
+    from ecgfm.data.shards import Manifest, update_checksums
 
     shutil.rmtree(out, ignore_errors=True)
     shutil.copytree(shards, out)
@@ -104,6 +105,7 @@ def _keep_labels(shards: Path, out: Path, fraction: float, target: str = "potass
             values = f["targets"][target][:]
             values[rng.random(len(values)) >= fraction] = np.nan
             f["targets"][target][:] = values
+        update_checksums(out, entry, {f"/targets/{target}": array_checksum(values)})
         if "sha256" in entry:
             entry["sha256"] = sha256sum(path)
     manifest.save(out)

@@ -21,9 +21,13 @@ def shard_parser() -> ArgumentParser:
 def verify_parser() -> ArgumentParser:
     parser = ArgumentParser(
         prog="ecgfm shard verify",
-        description="Check every shard of a folder against its manifest: counts, checksums, datasets, attributes.",
+        description="Check every shard of a folder against its manifest: counts, datasets, attributes and the "
+        "checksum of every dataset (which reads every byte; --quick skips it).",
     )
     parser.add_argument("shard_dir", type=str, help="the folder holding manifest.json and the shards")
+    parser.add_argument(
+        "--quick", action="store_true", help="check the structure only (opens, counts, shapes, targets): no checksums"
+    )
     return parser
 
 
@@ -42,8 +46,9 @@ def run(argv: list[str]) -> int:
 def run_verify(argv: list[str]) -> int:
     from ecgfm.data.shards import verify_shards
 
-    shard_dir = verify_parser().parse_args(argv).shard_dir
-    problems = verify_shards(shard_dir)
+    cfg = verify_parser().parse_args(argv)
+    shard_dir = cfg.shard_dir
+    problems = verify_shards(shard_dir, quick=cfg.quick)
     for line in problems:
         print(f"FAILED {line}")
     print(f"{len(problems)} problem(s) in {shard_dir}")

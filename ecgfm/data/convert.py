@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import multiprocessing
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,11 +18,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ecgfm.data.label_table import LabelTable
-from ecgfm.data.shards import Manifest, ShardWriter, TargetSpec, to_int16_microvolts
+from ecgfm.data.provenance import describe_changes, display_name, file_stamp, record_files, shared_files, stamp_files
+from ecgfm.data.shards import Manifest, ShardWriter, TargetSpec, check_shard, to_int16_microvolts
 from ecgfm.data.sources import Record, RecordError
 from ecgfm.io import atomic_write, atomic_write_csv, atomic_write_json, remove_partial_files
 from ecgfm.leads import STANDARD_FS, STANDARD_LEADS, STANDARD_N_SAMPLES
-from ecgfm.registry import SOURCES
+from ecgfm.registry import SOURCES, MissingOptionError
 from ecgfm.signal import resample, segment_starts
 
 
@@ -34,7 +37,12 @@ class ConversionSummary:
     warnings: list[tuple[str, str]] = field(default_factory=list)  # (record path, what was changed)
     notes: list[str] = field(default_factory=list)
     shards_reused: int = 0
+    rebuilt: list[tuple[str, str]] = field(default_factory=list)  # (shard, why an earlier run's shard was not reused)
     out_dir: Path | None = None
+
+    @property
+    def shards_rebuilt(self) -> int:
+        return len(self.rebuilt)
 
     def print(self, console: Console | None = None) -> None:
         console = console or Console()
@@ -46,7 +54,12 @@ class ConversionSummary:
         table.add_row("records skipped (skipped.csv)", str(len(self.skipped)))
         table.add_row("records with warnings (warnings.csv)", str(len(self.warnings)))
         table.add_row("finished shards reused", str(self.shards_reused))
+        table.add_row("finished shards rebuilt", str(self.shards_rebuilt))
         console.print(table)
+        for shard, reason in self.rebuilt[:50]:
+            console.print(f"{shard}: rebuilt, {reason}", highlight=False, markup=False, soft_wrap=True)
+        if len(self.rebuilt) > 50:
+            console.print(f"... {len(self.rebuilt) - 50} more shards rebuilt")
         for title, rows in (("skipped records", self.skipped), ("warnings", self.warnings)):
             if rows:
                 listing = Table(title=title)
@@ -78,7 +91,9 @@ def cut_pieces(n_total: int, stride: int | None = None, last_piece: str = "drop"
     """(start, valid samples) of every 10-s piece; ``last_piece="pad"`` keeps a short tail, zero-padded."""
     if last_piece not in ("drop", "pad"):
         raise ValueError(f"last_piece must be 'drop' or 'pad', got {last_piece!r}")
-    stride = stride or STANDARD_N_SAMPLES
+    if stride is not None and (isinstance(stride, bool) or not isinstance(stride, (int, np.integer)) or stride < 1):
+        raise ValueError(f"stride must be a whole number of samples >= 1 (5000: no overlap), got {stride!r}")
+    stride = STANDARD_N_SAMPLES if stride is None else int(stride)
     pieces = [(start, STANDARD_N_SAMPLES) for start in segment_starts(n_total, STANDARD_N_SAMPLES, stride)]
     tail = len(pieces) * stride
     if last_piece == "pad" and tail < n_total and (not pieces or pieces[-1][0] + STANDARD_N_SAMPLES < n_total):
@@ -86,15 +101,26 @@ def cut_pieces(n_total: int, stride: int | None = None, last_piece: str = "drop"
     return pieces
 
 
+#: The lowest sampling rate accepted for a record, in Hz: below it no QRS complex survives, and a header rate of 5
+#: (a typo for 500) would be upsampled 100-fold into a hundred segments of nothing.
+MIN_FS = 25.0
+
+
 def prepare_record(reader: Any, path: Path, stride: int | None, last_piece: str) -> _Converted:
-    """Read one record and bring it to 12 canonical leads, 500 Hz, int16 µV, cut into pieces."""
+    """Read one record and bring it to 12 canonical leads, 500 Hz, int16 µV, cut into pieces; anything wrong with
+    it (including a rate no reader refused) becomes the record's skip reason, so it never stops a conversion."""
     try:
         record = reader.read(path)
     except RecordError as err:
         return _Converted(path, error=str(err))
     except Exception as err:  # a reader bug must not stop a million-record conversion; it is reported
         return _Converted(path, error=f"{path}: unexpected {type(err).__name__}: {err}")
-    warnings: list[str] = []
+    warnings: list[str] = [str(w) for w in record.metadata.get("warnings", [])]
+    fs = float(record.fs)
+    if not (math.isfinite(fs) and fs > 0):
+        return _Converted(path, error=f"{path}: sampling rate {record.fs!r} Hz is not a positive finite number")
+    if fs < MIN_FS:
+        return _Converted(path, error=f"{path}: sampling rate {fs:g} Hz is below {MIN_FS:g} Hz, too low for an ECG")
     present = [i for i, name in enumerate(record.lead_names) if name in STANDARD_LEADS]
     other = [name for name in record.lead_names if name not in STANDARD_LEADS]
     if not present:
@@ -107,13 +133,15 @@ def prepare_record(reader: Any, path: Path, stride: int | None, last_piece: str)
     for i in present:
         slot = STANDARD_LEADS.index(record.lead_names[i])
         lead = record.signal[i]
-        finite = lead[~np.isnan(lead)]
+        valid = np.isfinite(lead)
+        finite = lead[valid]
         if finite.size == 0 or finite.min() == finite.max():
             masked.append(record.lead_names[i])  # all-NaN or flat (e.g. a disconnected electrode): missing
             continue
         if finite.size < lead.size:
-            warnings.append(f"lead {record.lead_names[i]}: {lead.size - finite.size} NaN samples set to 0")
-        signal[slot] = np.nan_to_num(lead, nan=0.0)
+            n_bad = lead.size - finite.size
+            warnings.append(f"lead {record.lead_names[i]}: {n_bad} NaN or infinite samples set to 0")
+        signal[slot] = np.where(valid, lead, 0.0)
         lead_mask[slot] = True
     if not lead_mask.any():
         return _Converted(path, error=f"{path}: every lead is NaN or flat")
@@ -121,6 +149,10 @@ def prepare_record(reader: Any, path: Path, stride: int | None, last_piece: str)
         warnings.append(f"leads {' '.join(masked)} are flat or NaN: stored as missing (lead_mask 0)")
     if record.fs != STANDARD_FS:
         signal = resample(signal, record.fs, STANDARD_FS)
+    limit_mv = np.iinfo(np.int16).max / 1000.0  # what int16 µV holds
+    for slot in np.flatnonzero(np.abs(signal).max(axis=1) > limit_mv + 0.0005):
+        n_clipped = int(np.count_nonzero(np.abs(signal[slot]) > limit_mv + 0.0005))
+        warnings.append(f"lead {STANDARD_LEADS[slot]}: {n_clipped} samples beyond ±{limit_mv:g} mV clipped")
     pieces = cut_pieces(signal.shape[1], stride, last_piece)
     if not pieces:
         seconds = signal.shape[1] / STANDARD_FS
@@ -147,6 +179,9 @@ class ShardJob:
     stride: int | None
     last_piece: str
     fingerprint: str
+    settings: dict[str, Any] = field(default_factory=dict)  # what the fingerprint is made of, kept to name a change
+    labels: dict[str, Any] | None = None  # the label table's path and stamp (size, mtime_ns, sha256)
+    common: dict[str, Any] = field(default_factory=dict)  # stamps of the files every record depends on
 
     @property
     def shard_path(self) -> Path:
@@ -168,7 +203,19 @@ def _reader_for(job: ShardJob) -> Any:
 
 
 def _convert_shard(job: ShardJob) -> dict[str, Any]:
-    """Convert one slice of records into one shard + its sidecar JSON (runs in worker processes)."""
+    """Reuse the shard an earlier run finished from the same inputs, or convert its slice of records into a new
+    shard + sidecar JSON (runs in worker processes).
+
+    The record files are hashed before they are read, so a file changed meanwhile makes the next run rebuild.
+    """
+    inputs = {
+        "labels": job.labels,
+        "common": job.common,
+        "records": {display_name(path, job.source): stamp_files(record_files(path), job.source) for path in job.paths},
+    }
+    done, reason = _finished(job, inputs)
+    if done is not None:
+        return {**done, "reused": True}
     reader = _reader_for(job)
     writer = ShardWriter(job.shard_path, job.targets, fs=STANDARD_FS, n_samples=STANDARD_N_SAMPLES)
     result: dict[str, Any] = {"fingerprint": job.fingerprint, "records": [str(p) for p in job.paths]}
@@ -186,7 +233,8 @@ def _convert_shard(job: ShardJob) -> dict[str, Any]:
                     result["skipped"].append((str(path), f"{path}: no row in label table"))
                     continue
                 result["matched_rows"].append(key)
-                values = job.table.values(row)
+                values, cell_warnings = job.table.parse_row(row)  # cells that are not numbers: missing, reported
+                result["warnings"].extend((str(path), w) for w in cell_warnings)
                 patient = str(row[job.patient_column]).strip() if job.patient_column else record.patient_id
             else:
                 values = reader.targets(record, job.targets)
@@ -205,21 +253,48 @@ def _convert_shard(job: ShardJob) -> dict[str, Any]:
     except BaseException:
         writer.abort()
         raise
-    result["path"] = job.shard_path.name
+    result.update(path=job.shard_path.name, settings=job.settings, inputs=inputs, checksums=writer.checksums)
     atomic_write_json(job.sidecar_path, result, indent=None)
-    return result
+    return {**result, "rebuilt": reason}
 
 
-def _finished(job: ShardJob) -> dict[str, Any] | None:
-    """The sidecar of a shard finished by an earlier run with the same inputs, or None."""
-    if not (job.shard_path.is_file() and job.sidecar_path.is_file()):
-        return None
+def _finished(job: ShardJob, inputs: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
+    """(the sidecar, None) of a shard an earlier run made from these very inputs and that still verifies, else
+    (None, why it is not reused); the reason is None where no earlier run got as far as this shard."""
+    shard, sidecar = job.shard_path, job.sidecar_path
+    if not shard.is_file():
+        return None, (f"{shard.name} is missing" if sidecar.is_file() else None)
     try:
-        done = json.loads(job.sidecar_path.read_text())
-    except json.JSONDecodeError:
-        return None
-    same = done.get("fingerprint") == job.fingerprint and done.get("records") == [str(p) for p in job.paths]
-    return done if same else None
+        done = json.loads(sidecar.read_text())
+    except FileNotFoundError:
+        return None, f"{sidecar.name} is missing (an interrupted run?)"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        return None, f"{sidecar.name} cannot be read ({err})"
+    if not isinstance(done, dict) or "inputs" not in done or "checksums" not in done:
+        return None, f"{sidecar.name} records no inputs or checksums (made by an older ecgfm)"
+    if done.get("fingerprint") != job.fingerprint:
+        before = done.get("settings") or {}
+        changed = sorted(k for k in {*before, *job.settings} if before.get(k) != job.settings.get(k))
+        return None, f"conversion options changed ({', '.join(changed) or 'fingerprint'})"
+    if done.get("records") != [str(p) for p in job.paths]:
+        return None, "its records changed (records added or removed before them)"
+    before = done["inputs"]
+    old_labels, new_labels = before.get("labels") or {}, inputs["labels"] or {}
+    if (old_labels.get("size"), old_labels.get("sha256")) != (new_labels.get("size"), new_labels.get("sha256")):
+        return None, f"label table {new_labels.get('path') or old_labels.get('path')} changed"
+    changes = describe_changes(before.get("common") or {}, inputs["common"])
+    for record, files in inputs["records"].items():
+        changes += describe_changes((before.get("records") or {}).get(record, {}), files)
+    if changes:
+        more = f" and {len(changes) - 3} more" if len(changes) > 3 else ""
+        return None, ", ".join(changes[:3]) + more
+    problems = check_shard(
+        shard, int(done.get("n_segments", -1)), job.targets, done["checksums"], reference=sidecar.name
+    )
+    if problems:
+        more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+        return None, problems[0].removeprefix(f"{shard}: ") + more
+    return done, None
 
 
 def convert(
@@ -234,6 +309,8 @@ def convert(
     units: dict[str, str] | None = None,
     time_column: str | None = None,
     max_hours: float | None = None,
+    decimal: str = ".",
+    separator: str = ",",
     dx_mapping: list[str | Path] | None = None,
     reader_options: dict[str, Any] | None = None,
     records_per_shard: int = 1024,
@@ -260,12 +337,16 @@ def convert(
             as the target ``lab_time`` so the pairing window can be chosen later.
         max_hours: regression values of a row whose lab was drawn further than this from the ECG (or at an
             unknown time) are stored as missing (NaN), not dropped.
+        decimal: the label table's decimal mark, ``.`` or ``,`` (``4,1`` is 4.1 only with ``,``). A numeric cell
+            that is not a finite number is stored as missing and listed in ``warnings.csv``; a column where most
+            cells are not numbers stops the conversion, naming the column and the likely cause.
+        separator: the label table's field separator (``,``; ``;`` for many European exports; ``\\t``).
         dx_mapping: Challenge mapping CSVs (SNOMED-CT code -> abbreviation) to name ``dx`` labels; default:
             the Challenge 2021 tables that ship with ecgfm.
         reader_options: further keyword arguments of the reader (see ``ecgfm.data.sources``).
         records_per_shard: records per HDF5 file (shard k always holds records k*n ... (k+1)*n - 1 in sorted
             order, which is what lets an interrupted conversion resume shard by shard).
-        stride: samples between segment starts (default 5000: no overlap).
+        stride: samples between segment starts, at least 1 (default 5000: no overlap).
         last_piece: ``drop`` a record's tail shorter than 10 s, or ``pad`` it with zeros (``/valid_samples``
             says how much is real; a record shorter than 10 s then gives one padded segment).
         workers: processes converting shards in parallel (0 = in this process).
@@ -282,6 +363,8 @@ def convert(
         units=units,
         time_column=time_column,
         max_hours=max_hours,
+        decimal=decimal,
+        separator=separator,
         dx_mapping=dx_mapping,
         reader_options=reader_options,
         records_per_shard=records_per_shard,
@@ -322,6 +405,8 @@ def plan_conversion(
     units: dict[str, str] | None = None,
     time_column: str | None = None,
     max_hours: float | None = None,
+    decimal: str = ".",
+    separator: str = ",",
     dx_mapping: list[str | Path] | None = None,
     reader_options: dict[str, Any] | None = None,
     records_per_shard: int = 1024,
@@ -335,27 +420,43 @@ def plan_conversion(
     source, out = Path(source), Path(out)
     if not source.exists():
         raise FileNotFoundError(f"source folder {source} does not exist")
+    _check_out(out)
     if records_per_shard < 1:
         raise ValueError(f"records_per_shard must be at least 1, got {records_per_shard}")
     cut_pieces(0, stride, last_piece)  # validates last_piece early
     options = dict(reader_options or {})
     if dx_mapping:
         options["dx_mapping"] = [str(p) for p in dx_mapping]
-    source_reader = SOURCES.create(reader, **options)
+    try:
+        source_reader = SOURCES.create(reader, **options)
+    except MissingOptionError as err:  # e.g. --reader arrays without its table: say where the option goes
+        example = ", ".join(f"{name}: ..." for name in err.missing)
+        raise MissingOptionError(
+            f"reader {reader!r} needs the option{'s' if len(err.missing) > 1 else ''} "
+            f"{', '.join(map(repr, err.missing))} (reader_options: {{{example}}})",
+            err.kind,
+            err.name,
+            err.missing,
+        ) from None
     paths = source_reader.find_records(source)
     if not paths:
         raise FileNotFoundError(f"no {reader} records found under {source}")
-    table = None
+    table = labels_stamp = None
     if labels is not None:
+        labels_stamp = {"path": str(labels), **(file_stamp(Path(labels)) or {})}  # hashed before it is read
         columns = (multilabel or {}, regression or {}, units or {})
-        table = LabelTable.from_file(labels, record_column, patient_column, *columns, time_column, max_hours)
+        table = LabelTable.from_file(
+            labels, record_column, patient_column, *columns, time_column, max_hours, decimal, separator
+        )
     targets = table.targets if table is not None else source_reader.target_specs(paths)
     settings = {
         "source": str(source),
         "reader": reader,
         "options": options,
         "labels": str(labels) if labels else None,
+        "columns": [record_column, patient_column, multilabel, regression],
         "time": [time_column, max_hours],
+        "table_format": [decimal, separator],
         "targets": {k: asdict(v) for k, v in targets.items()},
         "stride": stride,
         "last_piece": last_piece,
@@ -364,6 +465,10 @@ def plan_conversion(
     fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
     shared = dict(source=source, out=out, reader=reader, options=options, table=table, targets=targets)
     shared.update(patient_column=patient_column, stride=stride, last_piece=last_piece, fingerprint=fingerprint)
+    same_folder = source.is_dir() and out.is_dir() and os.path.samefile(out, source)  # the outputs are no input
+    exclude = [*([Path(labels)] if labels else []), *(out.iterdir() if same_folder else [])]
+    common = stamp_files(shared_files(source, paths, options, exclude), source)
+    shared.update(settings=json.loads(json.dumps(settings, default=str)), labels=labels_stamp, common=common)
     jobs = [
         ShardJob(index=k, paths=paths[start : start + records_per_shard], **shared)
         for k, start in enumerate(range(0, len(paths), records_per_shard))
@@ -371,24 +476,35 @@ def plan_conversion(
     return ConversionPlan(source, out, reader, options, settings["labels"], table, targets, fingerprint, jobs)
 
 
-def run_conversion(plan: ConversionPlan, workers: int = 0, progress: bool = True) -> dict[int, dict[str, Any]]:
-    """Write every shard of the plan that an earlier run did not finish; returns each shard's sidecar by index.
+def _check_out(out: Path) -> None:
+    """Fail in one line naming ``out`` when no shard could be written there: it, or a folder above it, is a file,
+    or the nearest existing folder is not writable."""
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "" if existing == out else f" ({existing} is a file)"
+        raise ValueError(f"out {out} is not a folder{where}: shards are written into a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"out {out}: cannot write into {existing} (permission denied)")
 
-    Sidecars of shards finished by an earlier run with the same inputs carry ``"reused": True``.
+
+def run_conversion(plan: ConversionPlan, workers: int = 0, progress: bool = True) -> dict[int, dict[str, Any]]:
+    """Write every shard of the plan that no earlier run finished from the same inputs; returns each shard's
+    sidecar by index.
+
+    Sidecars of shards finished by an earlier run from the same inputs, which still verify, carry
+    ``"reused": True``; shards converted again carry ``"rebuilt"``: why the earlier one was not reused (None for
+    a shard no earlier run finished).
     """
     plan.out.mkdir(parents=True, exist_ok=True)
     _remove_stale(plan.out, len(plan.jobs))
     results: dict[int, dict[str, Any]] = {}
-    for job in plan.jobs:
-        done = _finished(job)
-        if done is not None:
-            results[job.index] = {**done, "reused": True}
-    pending = [job for job in plan.jobs if job.index not in results]
+    pending = plan.jobs  # each worker decides whether its shard can be reused: the hashing runs in parallel too
     pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 0 and len(pending) > 1 else None
     try:
         with _progress(progress) as bar:
             task = bar.add_task(f"converting {plan.source}", total=plan.n_records)
-            bar.advance(task, sum(len(plan.jobs[k].paths) for k in results))
             stream = pool.imap_unordered(_convert_shard, pending) if pool else map(_convert_shard, pending)
             for result in stream:
                 index = int(result["path"].split("-")[1].split(".")[0])
@@ -409,7 +525,10 @@ def write_conversion_report(plan: ConversionPlan, results: dict[int, dict[str, A
     matched: set[str] = set()
     for index in range(len(plan.jobs)):
         result = results[index]
-        manifest.shards.append({"path": result["path"], "n_segments": int(result["n_segments"])})
+        entry = {"path": result["path"], "n_segments": int(result["n_segments"]), "checksums": result["checksums"]}
+        manifest.shards.append(entry)
+        if result.get("rebuilt"):
+            summary.rebuilt.append((Path(result["path"]).stem, result["rebuilt"]))
         summary.records_read += int(result["records_read"])
         summary.segments_written += int(result["n_segments"])
         summary.skipped.extend(tuple(x) for x in result["skipped"])

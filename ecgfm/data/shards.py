@@ -14,6 +14,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from ecgfm.data.checksums import ArrayChecksum, array_checksum, dataset_checksum
 from ecgfm.io import atomic_path, atomic_write_json
 from ecgfm.leads import STANDARD_FS, STANDARD_LEADS, STANDARD_N_SAMPLES
 
@@ -82,7 +83,7 @@ class TargetSummary:
 class Manifest:
     """manifest.json beside the shards: shard list with counts, target vocabularies, split by patient."""
 
-    shards: list[dict[str, Any]] = field(default_factory=list)  # {"path", "n_segments", "sha256"?}
+    shards: list[dict[str, Any]] = field(default_factory=list)  # {"path", "n_segments", "checksums"}
     targets: dict[str, TargetSpec] = field(default_factory=dict)
     fs: float = STANDARD_FS
     n_samples: int = STANDARD_N_SAMPLES
@@ -137,6 +138,7 @@ class ShardWriter:
 
     Signals are spooled to a raw temporary file and stored as one contiguous, uncompressed ``/signal`` dataset,
     so readers find each segment at a fixed byte offset and read it with one pread (no HDF5 call per segment).
+    After ``close()``, ``checksums`` holds each dataset's checksum, hashed from what was written, not read back.
     """
 
     def __init__(
@@ -171,6 +173,8 @@ class ShardWriter:
             "valid_samples": [],
         }
         self._targets: dict[str, list[np.ndarray]] = {name: [] for name in targets}
+        self._signal_checksum = ArrayChecksum(np.int16, (len(self.lead_names), n_samples))
+        self.checksums: dict[str, str] = {}
 
     def append(
         self,
@@ -191,7 +195,9 @@ class ShardWriter:
             raise ShardError(
                 f"segment of {record_id} has shape {signal_int16.shape} {signal_int16.dtype}; expected {expected} int16"
             )
-        self._spool.write(np.ascontiguousarray(signal_int16).tobytes())
+        segment = np.ascontiguousarray(signal_int16)
+        self._spool.write(segment.data)
+        self._signal_checksum.update(segment[None])
         rows = self._rows
         rows["lead_mask"].append(np.asarray(lead_mask, dtype=bool))
         rows["record_id"].append(record_id)
@@ -226,18 +232,29 @@ class ShardWriter:
         for start in range(0, n, 256):
             signal[start : start + 256] = spooled[start : start + 256]
         del spooled
-        f.create_dataset("lead_mask", data=np.array(rows["lead_mask"], dtype=bool).reshape(n, leads))
-        f.create_dataset("record_id", data=np.array(rows["record_id"], dtype=object), dtype=h5py.string_dtype())
-        f.create_dataset("patient_id", data=np.array(rows["patient_id"], dtype=object), dtype=h5py.string_dtype())
-        keys = np.array([patient_key(p) for p in rows["patient_id"]], dtype=np.uint64)
-        f.create_dataset("patient_key", data=keys)
-        f.create_dataset("segment_start", data=np.array(rows["segment_start"], dtype=np.int32))
-        f.create_dataset("valid_samples", data=np.array(rows["valid_samples"], dtype=np.int32))
+        checksums = {"/signal": self._signal_checksum.hexdigest()}
+        columns = {
+            "lead_mask": np.array(rows["lead_mask"], dtype=bool).reshape(n, leads),
+            "record_id": rows["record_id"],
+            "patient_id": rows["patient_id"],
+            "patient_key": np.array([patient_key(p) for p in rows["patient_id"]], dtype=np.uint64),
+            "segment_start": np.array(rows["segment_start"], dtype=np.int32),
+            "valid_samples": np.array(rows["valid_samples"], dtype=np.int32),
+        }
+        for name, values in columns.items():
+            if isinstance(values, list):  # the ids: variable-length UTF-8 strings
+                f.create_dataset(name, data=np.array(values, dtype=object), dtype=h5py.string_dtype())
+                checksums[f"/{name}"] = array_checksum(values, "str")
+            else:
+                f.create_dataset(name, data=values)
+                checksums[f"/{name}"] = array_checksum(values)
         group = f.create_group("targets")
         for name, spec in self.targets.items():
             values = np.array(self._targets[name], dtype=np.float32).reshape(n, len(spec.names))
             dset = group.create_dataset(name, data=values)
             dset.attrs.update({"names": spec.names, "units": spec.units, "kind": spec.kind})
+            checksums[f"/targets/{name}"] = array_checksum(values)
+        self.checksums = dict(sorted(checksums.items()))
 
     def abort(self) -> None:
         """Drop the spool (a half-written shard is removed by ``close`` itself)."""
@@ -258,34 +275,128 @@ def open_shard(path: str | Path) -> h5py.File:
     return f
 
 
-def verify_shards(root: str | Path) -> list[str]:
-    """Check every shard against the manifest (exists, opens, format, counts, shapes, target names).
+def sidecar_path(shard: str | Path) -> Path:
+    """``shard-NNNNN.json`` beside ``shard-NNNNN.h5``: what the converter made the shard from, and its checksums."""
+    return Path(shard).with_suffix(".json")
 
-    Returns a list of problems, one line each naming the shard; empty when all is well.
+
+def update_checksums(root: str | Path, entry: dict[str, Any], changed: dict[str, str | None]) -> None:
+    """After a shard was rewritten in place, set (or, with None, drop) dataset checksums in its manifest entry and
+    its sidecar, so ``ecgfm shard verify`` and a rerun of ``ecgfm shard`` check what is now there.
+
+    A shard listed without checksums (an older folder) stays without; the caller saves the manifest.
+    """
+    if "checksums" not in entry:
+        return
+
+    def apply(sums: dict[str, str]) -> dict[str, str]:
+        sums = dict(sums)
+        for name, value in changed.items():
+            if value is None:
+                sums.pop(name, None)
+            else:
+                sums[name] = value
+        return dict(sorted(sums.items()))
+
+    entry["checksums"] = apply(entry["checksums"])
+    sidecar = sidecar_path(Path(root) / entry["path"])
+    try:
+        data = json.loads(sidecar.read_text())
+    except (OSError, json.JSONDecodeError):
+        return  # no sidecar (not a converted folder), or a damaged one: a rerun of `ecgfm shard` rebuilds that shard
+    if isinstance(data, dict) and "checksums" in data:
+        data["checksums"] = apply(data["checksums"])
+        atomic_write_json(sidecar, data, indent=None)
+
+
+def check_shard(
+    path: Path,
+    n_segments: int,
+    targets: dict[str, TargetSpec],
+    checksums: dict[str, str] | None,
+    lead_names: list[str] | tuple[str, ...] = STANDARD_LEADS,
+    n_samples: int = STANDARD_N_SAMPLES,
+    quick: bool = False,
+    reference: str = MANIFEST_NAME,
+) -> list[str]:
+    """Problems of one shard against what ``reference`` (the manifest, or a sidecar) says it holds, one line each.
+
+    The structure always (opens, format, counts, shapes, targets); unless ``quick``, also every dataset against
+    its checksum, which reads the whole file.
+    """
+    problems: list[str] = []
+    try:
+        with open_shard(path) as f:
+            n = f["signal"].shape[0]
+            if n != int(n_segments):
+                problems.append(f"{path}: {n} segments, {reference} says {n_segments}")
+            expected = (len(lead_names), n_samples)
+            if f["signal"].shape[1:] != expected:
+                problems.append(f"{path}: signal shape {f['signal'].shape[1:]} != {expected}")
+            for name in ("lead_mask", "record_id", "patient_id", "patient_key", "segment_start", "valid_samples"):
+                if name in f and f[name].shape[0] != n:
+                    problems.append(f"{path}: /{name} has {f[name].shape[0]} rows, /signal has {n}")
+            for name, spec in targets.items():
+                if f"targets/{name}" not in f:
+                    problems.append(f"{path}: target {name!r} missing")
+                elif list(f[f"targets/{name}"].attrs["names"]) != spec.names:
+                    problems.append(f"{path}: target {name!r} names differ from {reference}")
+            for name in f["targets"] if "targets" in f else ():
+                if name not in targets:
+                    problems.append(f"{path}: holds target {name!r}, not one of {sorted(targets)}")
+            if n:  # touch the last segment so a truncated file fails here, not mid-training
+                f["signal"][n - 1]
+            if not quick:
+                problems += _checksum_problems(f, path, checksums, reference)
+    except (ShardError, OSError, KeyError) as err:
+        problems.append(f"{path}: {err}")
+    return problems
+
+
+def _checksum_problems(f: h5py.File, path: Path, checksums: dict[str, str] | None, reference: str) -> list[str]:
+    """One line per dataset whose content differs from its checksum, lacks one, or cannot be read."""
+    if not checksums:
+        return [
+            f"{path}: no dataset checksums in {reference} (written by an older ecgfm): convert again to add them, "
+            "or check the structure only with `ecgfm shard verify --quick`"
+        ]
+    present: list[str] = []
+    f.visititems(lambda name, obj: present.append(f"/{name}") if isinstance(obj, h5py.Dataset) else None)
+    problems = []
+    for name in sorted(set(present) | set(checksums)):
+        if name not in present:
+            problems.append(f"{path}: dataset {name} is missing ({reference} has its checksum)")
+        elif name not in checksums:
+            problems.append(f"{path}: dataset {name} has no checksum in {reference}")
+        else:
+            try:
+                actual = dataset_checksum(f[name])
+            except Exception as err:  # a corrupt file fails in many ways inside HDF5; each is a finding, not a crash
+                problems.append(f"{path}: dataset {name} cannot be read ({type(err).__name__}: {err})")
+                continue
+            if actual != checksums[name]:
+                changed = f"differs from its checksum in {reference} (changed after it was written)"
+                problems.append(f"{path}: dataset {name} {changed}")
+    return problems
+
+
+def verify_shards(root: str | Path, quick: bool = False) -> list[str]:
+    """Check every shard against the manifest: exists, opens, format, counts, shapes, target names and, unless
+    ``quick``, every dataset's checksum (which reads every byte).
+
+    Returns a list of problems, one line each naming the shard (and the dataset); empty when all is well.
     """
     root = Path(root)
     manifest = Manifest.load(root)
     problems: list[str] = []
     for entry in manifest.shards:
-        path = root / entry["path"]
-        try:
-            with open_shard(path) as f:
-                n = f["signal"].shape[0]
-                if n != int(entry["n_segments"]):
-                    problems.append(f"{path}: {n} segments, manifest says {entry['n_segments']}")
-                expected = (len(manifest.lead_names), manifest.n_samples)
-                if f["signal"].shape[1:] != expected:
-                    problems.append(f"{path}: signal shape {f['signal'].shape[1:]} != {expected}")
-                for name in ("lead_mask", "record_id", "patient_id", "segment_start"):
-                    if f[name].shape[0] != n:
-                        problems.append(f"{path}: /{name} has {f[name].shape[0]} rows, /signal has {n}")
-                for name, spec in manifest.targets.items():
-                    if f"targets/{name}" not in f:
-                        problems.append(f"{path}: target {name!r} missing")
-                    elif list(f[f"targets/{name}"].attrs["names"]) != spec.names:
-                        problems.append(f"{path}: target {name!r} names differ from the manifest")
-                if n:  # touch the last chunk so a truncated file fails here, not mid-training
-                    f["signal"][n - 1]
-        except (ShardError, OSError, KeyError) as err:
-            problems.append(f"{path}: {err}")
+        problems += check_shard(
+            root / entry["path"],
+            int(entry["n_segments"]),
+            manifest.targets,
+            entry.get("checksums"),
+            manifest.lead_names,
+            int(manifest.n_samples),
+            quick=quick,
+        )
     return problems

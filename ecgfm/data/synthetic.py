@@ -466,7 +466,7 @@ def write_synthetic_shards(
 
 def _finish(writer: ShardWriter, manifest: Manifest) -> None:
     n = len(writer)
-    manifest.shards.append({"path": writer.close().name, "n_segments": n})
+    manifest.shards.append({"path": writer.close().name, "n_segments": n, "checksums": writer.checksums})
 
 
 __all__ = [

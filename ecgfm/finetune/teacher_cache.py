@@ -14,7 +14,8 @@ import h5py
 import numpy as np
 import torch
 
-from ecgfm.data.shards import MANIFEST_NAME, Manifest, ShardError, TargetSpec, open_shard
+from ecgfm.data.checksums import array_checksum
+from ecgfm.data.shards import MANIFEST_NAME, Manifest, ShardError, TargetSpec, open_shard, update_checksums
 from ecgfm.finetune.distillation import CACHE_KEY, head_signature, teacher_target
 from ecgfm.heads import Head
 from ecgfm.io import atomic_path, sha256sum
@@ -49,9 +50,13 @@ def _shard_outputs(teacher: FineTuneTask, path: Path, batch_size: int, device: t
     return {name: np.concatenate(values) if values else np.zeros((0, 0), np.float32) for name, values in parts.items()}
 
 
-def _rewrite_shard(path: Path, add: dict[str, tuple[TargetSpec, np.ndarray, dict]], drop: set[str]) -> None:
+def _rewrite_shard(
+    path: Path, add: dict[str, tuple[TargetSpec, np.ndarray, dict]], drop: set[str]
+) -> dict[str, str | None]:
     """Copy the shard with targets ``drop`` left out and ``add`` (spec, values, extra attributes) written, then
-    rename it over the original (atomically: a kill leaves the old shard)."""
+    rename it over the original (atomically: a kill leaves the old shard); returns the changed dataset checksums
+    (None: dropped), hashed from the values written."""
+    changed: dict[str, str | None] = {f"/targets/{name}": None for name in drop}
     with atomic_path(path) as tmp, h5py.File(path, "r") as src, h5py.File(tmp, "w") as dst:
         dst.attrs.update(dict(src.attrs))
         for key in src:
@@ -63,8 +68,11 @@ def _rewrite_shard(path: Path, add: dict[str, tuple[TargetSpec, np.ndarray, dict
             if key not in drop and key not in add:
                 src.copy(src["targets"][key], group, name=key)
         for name, (spec, values, attrs) in add.items():
-            dset = group.create_dataset(name, data=values.astype(np.float32))
+            values = values.astype(np.float32)
+            dset = group.create_dataset(name, data=values)
             dset.attrs.update({"names": spec.names, "units": spec.units, "kind": spec.kind, **attrs})
+            changed[f"/targets/{name}"] = array_checksum(values)
+    return changed
 
 
 def cache_teacher_outputs(teacher: str, root: str, batch_size: int = 64, device: str = "auto") -> dict[str, Any]:
@@ -119,7 +127,7 @@ def cache_teacher_outputs(teacher: str, root: str, batch_size: int = 64, device:
             if not np.isfinite(values).all():
                 raise ShardError(f"{path}: the teacher's head {name!r} gave non-finite outputs")
             add[wanted[name]] = (spec, values, {"teacher_sha256": digest, "teacher_head": name})
-        _rewrite_shard(path, add, stale)
+        update_checksums(root_path, entry, _rewrite_shard(path, add, stale))  # the sidecar's too
         if "sha256" in entry:
             entry["sha256"] = sha256sum(path)
 
