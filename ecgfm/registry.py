@@ -12,13 +12,32 @@ import inspect
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Generic, TypeVar
 
-__all__ = ["ADAPTERS", "BACKBONES", "HEADS", "PREPROCESSING", "REGISTRIES", "SOURCES", "Registry", "UnknownNameError"]
+__all__ = [
+    "ADAPTERS",
+    "BACKBONES",
+    "HEADS",
+    "PREPROCESSING",
+    "REGISTRIES",
+    "SOURCES",
+    "MissingOptionError",
+    "Registry",
+    "UnknownNameError",
+]
 
 T = TypeVar("T")
 
 
 class UnknownNameError(ValueError):
     """A name (or an option) that no registry entry has; the message lists the known ones."""
+
+
+class MissingOptionError(ValueError):
+    """An entry created without an option it requires; raised before the call, so the message names the option
+    instead of Python's ``TypeError: __init__() missing 1 required positional argument``."""
+
+    def __init__(self, message: str, kind: str, name: str, missing: list[str]) -> None:
+        super().__init__(message)
+        self.kind, self.name, self.missing = kind, name, missing
 
 
 class Registry(Generic[T]):
@@ -84,7 +103,8 @@ class Registry(Generic[T]):
     def create(self, spec: str | Mapping[str, Any], *args: Any, **extra: Any) -> Any:
         """Build the entry ``spec`` names with its options (and ``args``/``extra`` the caller adds).
 
-        An option the entry does not take fails here, with the options it does take, instead of being ignored.
+        An option the entry does not take fails here, with the options it does take, instead of being ignored;
+        so does a required option that is not given (:class:`MissingOptionError`).
         """
         name, options = self.parse(spec)
         factory = self.get(name)
@@ -97,7 +117,37 @@ class Registry(Generic[T]):
                     f"{self.kind} {name!r} has no option {', '.join(map(repr, unknown))}; "
                     f"its options: {', '.join(accepted) or 'none'}"
                 )
+        missing = self.required_options(name, len(args), options)
+        if missing:
+            raise MissingOptionError(
+                f"{self.kind} {name!r} needs the option{'s' if len(missing) > 1 else ''} "
+                f"{', '.join(map(repr, missing))}; its options: {', '.join(accepted or missing)}",
+                self.kind,
+                name,
+                missing,
+            )
         return factory(*args, **options)
+
+    def required_options(self, name: str, n_args: int = 0, given: Mapping[str, Any] | None = None) -> list[str]:
+        """The entry's parameters without a default that neither the first ``n_args`` positional arguments nor
+        ``given`` fill (the ``supplied`` ones excepted: the framework passes those)."""
+        factory = self.get(name)
+        try:
+            signature = inspect.signature(factory.__init__ if isinstance(factory, type) else factory)
+        except (TypeError, ValueError):  # a builtin without a signature: let the call itself fail
+            return []
+        params = [p for p in signature.parameters.values() if p.name != "self"]
+        positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        filled = {p.name for p in [p for p in params if p.kind in positional][:n_args]}
+        return [
+            p.name
+            for p in params
+            if p.default is inspect.Parameter.empty
+            and p.kind in (*positional, inspect.Parameter.KEYWORD_ONLY)
+            and p.name not in filled
+            and p.name not in (given or {})
+            and p.name not in self.supplied
+        ]
 
     def options_of(self, name: str) -> list[str] | None:
         """The options the entry takes: its ``options`` attribute when it declares one (a factory taking

@@ -6,6 +6,7 @@ through ``config()`` so that the exact chain a model was trained with is stored 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from fractions import Fraction
 from typing import Any
@@ -48,8 +49,12 @@ def resample(x: np.ndarray, fs_in: float, fs_out: float = STANDARD_FS) -> np.nda
 
     The rate ratio is turned into an exact fraction (denominator <= 1000) so that 360 -> 500 Hz is 25/18.
     """
-    if not (fs_in > 0 and fs_out > 0):
-        raise ValueError(f"sampling rates must be positive, got fs_in={fs_in!r} and fs_out={fs_out!r}")
+    bad = [f"{name}={fs!r}" for name, fs in (("fs_in", fs_in), ("fs_out", fs_out)) if not (0 < fs < math.inf)]
+    if bad:
+        raise ValueError(
+            f"resample: sampling rates must be positive finite numbers of Hz, got {' and '.join(bad)} "
+            f"for an array of shape {np.shape(x)}"
+        )
     if fs_in == fs_out:
         return np.asarray(x, dtype=np.float32)
     ratio = Fraction(fs_out / fs_in).limit_denominator(1000)

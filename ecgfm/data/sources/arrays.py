@@ -6,6 +6,7 @@ the converter's label table, since records are matched to label rows by the reco
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,8 +69,8 @@ class ArrayReader(SourceReader):
         index_column: str | None = None,
         array: str | None = None,
     ):
-        if not fs > 0:
-            raise ValueError(f"arrays: fs must be a positive sampling rate in Hz, got {fs!r}")
+        if not (isinstance(fs, (int, float)) and math.isfinite(fs) and fs > 0):
+            raise ValueError(f"arrays: fs must be a positive finite sampling rate in Hz, got {fs!r}")
         try:
             self.scale = mv_per_unit(units, Path(table))
         except RecordError:

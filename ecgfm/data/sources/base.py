@@ -37,6 +37,10 @@ class Record:
             raise ValueError(
                 f"{self.path}: signal shape {self.signal.shape} does not match {len(self.lead_names)} lead names"
             )
+        fs = float(self.fs) if isinstance(self.fs, (int, float, np.number)) else math.nan
+        if not (math.isfinite(fs) and fs > 0):
+            # a backstop for every reader: resampling with such a rate would stretch or abort, never warn
+            raise RecordError(f"{self.path}: sampling rate {self.fs!r} Hz is not a positive finite number")
 
 
 class SourceReader(ABC):
@@ -80,6 +84,47 @@ def record_base(path: Path) -> Path:
 GAIN_FIELD = re.compile(r"^([-+]?[0-9.]+(?:[eE][-+]?\d+)?)(?:\((-?\d+)\))?(?:/(\S+))?$")
 
 
+def parse_fs(field: str, hea: Path) -> float:
+    """The sampling frequency of a header's record line (``500``, ``500/1000(0)``), read from the raw text.
+
+    wfdb's parser reads ``-500`` as counter frequency -500 and WFDB's default 250 Hz, which stretched records 2x:
+    anything but a positive finite number is refused here, naming the header.
+    """
+    text = re.split(r"[/(]", field.strip(), maxsplit=1)[0]
+    try:
+        fs = float(text)
+    except ValueError:
+        fs = math.nan
+    if not (math.isfinite(fs) and fs > 0):
+        raise RecordError(f"{hea}: sampling frequency {field!r} on the record line is not a positive number of Hz")
+    return fs
+
+
+def parse_gain(field: str, signal: int, hea: Path) -> tuple[float, int | None, str | None]:
+    """``(gain, baseline or None, unit or None)`` of a signal line's gain field, read from the raw text because wfdb
+    substitutes 200 for a gain of 0; ``digital_to_mv`` judges the value, only an unreadable field fails here."""
+    match = GAIN_FIELD.match(field)
+    try:
+        gain = float(match.group(1)) if match else math.nan
+    except ValueError:  # "1.2.3" passes the pattern
+        match = None
+    if match is None:
+        raise RecordError(f"{hea}: signal line {signal + 1} has an unreadable gain field {field!r}")
+    return gain, int(match.group(2)) if match.group(2) is not None else None, match.group(3)
+
+
+def check_gain(gain: float, signal: int, hea: Path, lead: str | None = None) -> None:
+    """Refuse a gain that cannot turn stored integers into millivolts: 0 or missing means uncalibrated, a negative
+    one would store the lead inverted, and NaN or infinity would store nothing."""
+    what = f"signal {signal + 1}" + (f" (lead {lead})" if lead else "")
+    if gain == 0:
+        raise RecordError(f"{hea}: {what} has ADC gain 0 (uncalibrated); cannot convert to mV")
+    if not math.isfinite(gain):
+        raise RecordError(f"{hea}: {what} has ADC gain {gain!r}, not a finite number; cannot convert to mV")
+    if gain < 0:
+        raise RecordError(f"{hea}: {what} has a negative ADC gain {gain:g}; it would store the lead inverted")
+
+
 def header_path(record: Path) -> Path:
     """The ``.hea`` file of a record path (record names may contain dots, so no ``with_suffix``)."""
     return record.parent / (record.name + ".hea")
@@ -88,6 +133,11 @@ def header_path(record: Path) -> Path:
 # Millivolts per unit; keys are case-folded (Challenge headers write "mv", some exports "µV" or "uV").
 # casefold() turns both the micro sign and the Greek mu into "\u03bc".
 _MV_PER_UNIT: dict[str, float] = {"mv": 1.0, "uv": 1e-3, "\u03bcv": 1e-3, "v": 1e3}
+
+
+def is_voltage(unit: str | None) -> bool:
+    """Whether a header's unit is one ``mv_per_unit`` converts (a missing unit is mV, as in the WFDB spec)."""
+    return (unit or "mV").strip().casefold() in _MV_PER_UNIT
 
 
 def mv_per_unit(unit: str | None, path: Path) -> float:
@@ -105,16 +155,29 @@ def digital_to_mv(
     units: Sequence[str | None],
     invalid: Sequence[int | None],
     path: Path,
+    names: Sequence[str | None] | None = None,
 ) -> np.ndarray:
-    """Convert stored integers [L, T] to float32 millivolts per lead; each lead's invalid code becomes NaN."""
+    """Convert stored integers [L, T] to float32 millivolts per lead; each lead's invalid code becomes NaN.
+
+    With ``names``, a signal that is not an ECG lead and cannot be converted (a respiration channel in ohms, an
+    uncalibrated marker) is all NaN instead of failing the record; an ECG lead in such a state fails it, named.
+    """
     n_leads = digital.shape[0]
     if not (len(gains) == len(baselines) == len(units) == len(invalid) == n_leads):
         raise RecordError(f"{path}: header describes {len(gains)} signals but the data has {n_leads}")
     out = np.empty(digital.shape, dtype=np.float32)
     for i in range(n_leads):
+        name = (names[i] or "").strip() if names is not None else ""
+        lead_name = canonical_lead(name) if name else None
         gain = float(gains[i])
-        if gain == 0 or not math.isfinite(gain):
-            raise RecordError(f"{path}: signal {i} has ADC gain {gains[i]!r} (uncalibrated); cannot convert to mV")
+        usable = is_voltage(units[i]) and math.isfinite(gain) and gain > 0
+        if names is not None and not lead_name and not usable:
+            out[i] = np.nan  # not an ECG lead (the converter ignores it), and not convertible to millivolts
+            continue
+        if not is_voltage(units[i]):
+            what = f"signal {i + 1}" + (f" (lead {lead_name})" if lead_name else "")
+            raise RecordError(f"{path}: {what} is in {units[i]!r}, not a voltage (expected mV, uV/µV or V)")
+        check_gain(gain, i, path, lead_name)
         lead = (digital[i].astype(np.float64) - float(baselines[i])) / gain * mv_per_unit(units[i], path)
         if invalid[i] is not None:
             lead[digital[i] == invalid[i]] = np.nan

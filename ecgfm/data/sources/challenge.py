@@ -7,7 +7,6 @@ The header is parsed here, not by wfdb, because real Challenge headers carry rec
 from __future__ import annotations
 
 import csv
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,6 @@ import scipy.io
 
 from ecgfm.data.shards import TargetSpec
 from ecgfm.data.sources.base import (
-    GAIN_FIELD,
     Record,
     RecordError,
     SourceReader,
@@ -26,6 +24,8 @@ from ecgfm.data.sources.base import (
     map_lead_names,
     parse_age,
     parse_comment_fields,
+    parse_fs,
+    parse_gain,
     parse_sex,
     record_base,
 )
@@ -56,16 +56,13 @@ def _parse_signal_line(line: str, index: int, hea: Path) -> _Signal:
     tokens = line.split()
     if len(tokens) < 9:
         raise RecordError(f"{hea}: signal line {index + 1} has {len(tokens)} fields, needs 9 with the lead name")
-    match = GAIN_FIELD.match(tokens[2])
-    if match is None:
-        raise RecordError(f"{hea}: signal line {index + 1} has an unreadable gain field {tokens[2]!r}")
+    gain, baseline, unit = parse_gain(tokens[2], index, hea)
     adc_zero = _number(tokens[4], int, f"signal {index + 1} ADC zero", hea)
-    baseline = int(match.group(2)) if match.group(2) is not None else adc_zero
     return _Signal(
         file=tokens[0],
-        gain=float(match.group(1)),
-        baseline=baseline,
-        unit=match.group(3),
+        gain=gain,
+        baseline=baseline if baseline is not None else adc_zero,
+        unit=unit,
         name=" ".join(tokens[8:]),
     )
 
@@ -151,9 +148,9 @@ class ChallengeReader(SourceReader):
         if len(tokens) < 4:
             raise RecordError(f"{hea}: record line {spec[0]!r} needs name, signals, frequency and samples")
         n_sig = int(_number(tokens[1], int, "signal count", hea))
-        fs = float(_number(re.split(r"[/(]", tokens[2])[0], float, "sampling frequency", hea))
+        fs = parse_fs(tokens[2], hea)
         n_samples = int(_number(tokens[3], int, "sample count", hea))
-        if n_sig <= 0 or n_samples <= 0 or fs <= 0:
+        if n_sig <= 0 or n_samples <= 0:
             raise RecordError(f"{hea}: record line {spec[0]!r} declares an empty record")
         if len(spec) - 1 != n_sig:
             raise RecordError(f"{hea}: record line declares {n_sig} signals but {len(spec) - 1} signal lines follow")
@@ -176,6 +173,7 @@ class ChallengeReader(SourceReader):
             units=[s.unit for s in signals],
             invalid=[_INVALID_INT16 if np.issubdtype(val.dtype, np.integer) else None] * n_sig,
             path=hea,
+            names=[s.name for s in signals],
         )
         fields = parse_comment_fields(comments)
         dx = fields.get("dx", "")

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import numpy as np
 import wfdb
 
 from ecgfm.data.sources.base import (
-    GAIN_FIELD,
     Record,
     RecordError,
     SourceReader,
@@ -18,6 +16,8 @@ from ecgfm.data.sources.base import (
     map_lead_names,
     parse_age,
     parse_comment_fields,
+    parse_fs,
+    parse_gain,
     parse_sex,
     record_base,
 )
@@ -72,50 +72,69 @@ def _check_data_files(header: wfdb.Record, record: Path) -> None:
             )
 
 
-def _read_plain_format16(record: Path, hea: Path) -> Record | None:
-    """The common case (one format-16 file, no skew/offset, sizes that agree) read with numpy: ~10x faster
-    than wfdb's header parser plus rdrecord. Anything else returns None and takes the general path."""
+def _header_lines(hea: Path) -> tuple[list[str], list[str]]:
+    """(record and signal lines, comment lines) of a header, read as text."""
     try:
         text = hea.read_text(errors="replace")
-    except OSError:
-        return None
+    except OSError as exc:
+        raise RecordError(f"{hea}: cannot read header ({exc})") from exc
     lines = [line.strip() for line in text.splitlines()]
     spec = [line for line in lines if line and not line.startswith("#")]
     comments = [line.lstrip("#").strip() for line in lines if line.startswith("#")]
+    return spec, comments
+
+
+def _raw_fs_and_gains(spec: list[str], hea: Path) -> tuple[float | None, list[float]]:
+    """The sampling frequency (None when the record line omits it) and every signal's gain, from the header text of
+    a single-segment record: wfdb reads ``-500`` Hz as 250 and a gain of 0 as 200, so neither is taken from it."""
+    head = spec[0].split()
+    fs = parse_fs(head[2], hea) if len(head) > 2 else None
+    gains = []
+    for i, line in enumerate(spec[1:]):
+        tokens = line.split()
+        if len(tokens) < 3:
+            raise RecordError(f"{hea}: signal line {i + 1} gives no ADC gain (uncalibrated); cannot convert to mV")
+        gains.append(parse_gain(tokens[2], i, hea)[0])
+    return fs, gains
+
+
+def _read_plain_format16(record: Path, hea: Path, spec: list[str], comments: list[str]) -> Record | None:
+    """The common case (one format-16 file, no skew/offset, sizes that agree) read with numpy: ~10x faster
+    than wfdb's header parser plus rdrecord. Anything else returns None and takes the general path."""
     if not spec:
         return None
     head = spec[0].split()
     if len(head) < 4 or "/" in head[0]:
         return None
     try:
-        n_sig, fs, sig_len = int(head[1]), float(re.split(r"[/(]", head[2])[0]), int(head[3])
+        n_sig, sig_len = int(head[1]), int(head[3])
     except ValueError:
         return None
     signals = [line.split() for line in spec[1:]]
-    if n_sig <= 0 or sig_len <= 0 or fs <= 0 or len(signals) != n_sig or any(len(t) < 9 for t in signals):
+    if n_sig <= 0 or sig_len <= 0 or len(signals) != n_sig or any(len(t) < 9 for t in signals):
         return None
     if {t[0] for t in signals} != {signals[0][0]} or any(t[1] != "16" for t in signals):
         return None
+    fs = parse_fs(head[2], hea)
     gains, baselines, units = [], [], []
-    for tokens in signals:
-        match = GAIN_FIELD.match(tokens[2])
-        if match is None or float(match.group(1)) == 0:
-            return None
-        gains.append(float(match.group(1)))
-        baselines.append(int(match.group(2)) if match.group(2) is not None else int(tokens[4]))
-        units.append(match.group(3))
+    for i, tokens in enumerate(signals):
+        gain, baseline, unit = parse_gain(tokens[2], i, hea)
+        gains.append(gain)
+        baselines.append(baseline if baseline is not None else int(tokens[4]))
+        units.append(unit)
     data = record.parent / signals[0][0]
     if not data.is_file() or data.stat().st_size != sig_len * n_sig * 2:
         return None  # the general path reports missing, truncated or over-long files precisely
+    names = [" ".join(t[8:]) for t in signals]
     digital = np.fromfile(data, dtype="<i2").reshape(sig_len, n_sig).T
-    signal = digital_to_mv(digital, gains, baselines, units, [INVALID_SAMPLE["16"]] * n_sig, hea)
+    signal = digital_to_mv(digital, gains, baselines, units, [INVALID_SAMPLE["16"]] * n_sig, hea, names)
     fields = parse_comment_fields(comments)
     return Record(
         record_id=record.name,
         patient_id=record.name,
         signal=signal,
         fs=fs,
-        lead_names=map_lead_names([" ".join(t[8:]) for t in signals], hea),
+        lead_names=map_lead_names(names, hea),
         path=record,
         metadata={
             "age": parse_age(fields.get("age")),
@@ -137,7 +156,8 @@ class WfdbReader(SourceReader):
         hea = header_path(record)
         if not hea.is_file():
             raise RecordError(f"{hea}: header file not found")
-        fast = _read_plain_format16(record, hea)
+        spec, header_comments = _header_lines(hea)
+        fast = _read_plain_format16(record, hea, spec, header_comments)
         if fast is not None:
             return fast
         try:
@@ -150,6 +170,10 @@ class WfdbReader(SourceReader):
             raise RecordError(f"{hea}: header lists no signals")
         if header.sig_len == 0:
             raise RecordError(f"{hea}: header declares a zero-length record (0 samples)")
+        fs, gains = _raw_fs_and_gains(spec, hea)
+        if len(gains) != header.n_sig:
+            raise RecordError(f"{hea}: record line declares {header.n_sig} signals but {len(gains)} lines follow")
+        warnings = [] if fs is not None else [f"no sampling frequency in {hea.name}: WFDB's default 250 Hz assumed"]
         _check_data_files(header, record)
         try:
             rec = wfdb.rdrecord(str(record), physical=False)
@@ -161,13 +185,19 @@ class WfdbReader(SourceReader):
         digital = np.asarray(rec.d_signal).T
         if digital.ndim != 2 or digital.shape[1] == 0:
             raise RecordError(f"{hea}: record has no samples")
+        if header.sig_len and digital.shape[1] != header.sig_len:
+            raise RecordError(
+                f"{record} ({', '.join(sorted(set(header.file_name)))}): holds {digital.shape[1]} samples per signal "
+                f"but {hea.name} says {header.sig_len}"
+            )
         signal = digital_to_mv(
             digital,
-            gains=rec.adc_gain,
+            gains=gains,
             baselines=rec.baseline,
             units=rec.units or [None] * rec.n_sig,
             invalid=[INVALID_SAMPLE.get(fmt) for fmt in rec.fmt],
             path=hea,
+            names=rec.sig_name or [None] * rec.n_sig,
         )
         comments = list(rec.comments or [])
         fields = parse_comment_fields(comments)
@@ -175,7 +205,7 @@ class WfdbReader(SourceReader):
             record_id=record.name,
             patient_id=record.name,
             signal=signal,
-            fs=float(rec.fs),
+            fs=float(rec.fs if fs is None else fs),
             lead_names=map_lead_names(rec.sig_name or [None] * rec.n_sig, hea),
             path=record,
             metadata={
@@ -184,5 +214,6 @@ class WfdbReader(SourceReader):
                 "comments": comments,
                 "units": list(rec.units or []),
                 "source": "wfdb",
+                "warnings": warnings,
             },
         )
