@@ -5,10 +5,16 @@ temporary file in the same folder, flushed to disk and renamed over the old one:
 holds either the previous complete checkpoint or the new complete one. The temporary names (``.partial-*.tmp``)
 neither end in ``.ckpt`` nor contain ``hpc_ckpt_``, so neither Lightning's ``last``/``hpc`` lookups nor a glob for
 checkpoints ever pick one up; a SIGKILL can leave one behind, and the next run removes it.
+
+Checkpoints are read back the way they are everywhere in ecgfm: ``torch.load(weights_only=True)`` with a small
+allow-list, whatever ``--weights_only`` says; a file that is refused, truncated or not a checkpoint is a one-line
+CheckpointError naming it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -17,15 +23,40 @@ from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from ecgfm.backbones.checkpoint import CheckpointError, load_error, safe_torch_load
 from ecgfm.io import atomic_save_torch, remove_partial_files
+
+TRAINING_STATE = ("epoch", "loops", "optimizer_states")  # what resuming a run reads besides weights and step
+
+
+def check_lightning_checkpoint(path: str | Path, resuming: bool = False) -> int:
+    """The global step a Lightning checkpoint was saved at, once it has loaded safely (tensors memory-mapped) and
+    holds a ``state_dict`` (and, for ``resuming``, the training state); else a CheckpointError naming the file."""
+    checkpoint = safe_torch_load(path, mmap=True)
+    is_dict = isinstance(checkpoint, dict)
+    absent = [key for key in ("state_dict", "pytorch-lightning_version") if key not in checkpoint] if is_dict else []
+    if not is_dict or absent:
+        what = f"no {' or '.join(absent)}" if is_dict else f"it holds a {type(checkpoint).__name__}"
+        raise CheckpointError(
+            f"{path} is not a Lightning checkpoint ({what}); a backbone's own weights go to --model.pretrained"
+        )
+    step = checkpoint.get("global_step")
+    if not isinstance(step, int):
+        raise CheckpointError(f"{path} is not a Lightning checkpoint (its global_step is {step!r})")
+    missing = [key for key in TRAINING_STATE if key not in checkpoint] if resuming else []
+    if missing:
+        raise CheckpointError(f"{path} holds no training state to resume from (no {', '.join(missing)}): weights only?")
+    return step
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's checkpoint writer, atomic on local disks (``ecgfm fit`` installs it unless a recipe sets another).
+    """Lightning's checkpoint writer, atomic on local disks, and its reader, safe everywhere (``ecgfm fit``, ``test``,
+    ``validate`` and ``predict`` install it unless a recipe sets another).
 
     Everything Lightning saves goes through the strategy's CheckpointIO: ModelCheckpoint files, ``last.ckpt``,
     ``trainer.save_checkpoint`` and the ``hpc_ckpt_N.ckpt`` written on SLURM's requeue signal. Remote paths
-    (``s3://...``) keep Lightning's own writer.
+    (``s3://...``) keep Lightning's own writer. What it loads (``--ckpt_path``, a resumed run) never goes through
+    unrestricted pickle: a request for ``weights_only=False`` is refused, not followed.
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
@@ -33,6 +64,25 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             super().save_checkpoint(checkpoint, path, storage_options)
             return
         atomic_save_torch(checkpoint, path)
+
+    def load_checkpoint(
+        self, path: Any, map_location: Callable | Any | None = "cpu", weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        if weights_only is False:
+            raise CheckpointError(
+                f"not loading {path} with weights_only=False: ecgfm loads checkpoints only with weights_only=True "
+                "(leave --weights_only unset)"
+            )
+        if _is_local_file_protocol(path):
+            checkpoint = safe_torch_load(path, map_location=map_location)
+        else:
+            try:
+                checkpoint = super().load_checkpoint(path, map_location=map_location, weights_only=True)
+            except Exception as err:
+                raise load_error(path, err) from err
+        if not isinstance(checkpoint, dict):
+            raise CheckpointError(f"{path} is not a Lightning checkpoint (it holds a {type(checkpoint).__name__})")
+        return checkpoint
 
 
 class ResumableCheckpoint(ModelCheckpoint):
@@ -85,6 +135,8 @@ class ResumableCheckpoint(ModelCheckpoint):
             remove_partial_files(self.dirpath)
 
     def _save_last_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict[str, Any]) -> None:
+        if trainer.fast_dev_run:  # ModelCheckpoint.on_train_end would write last.ckpt of a fast_dev_run
+            return
         super()._save_last_checkpoint(trainer, monitor_candidates)
         self._last_writes += 1
         for logger in trainer.loggers:  # e.g. CSVLogger keeps 100 steps in memory: a killed run would lose them

@@ -30,6 +30,7 @@ __all__ = [
     "atomic_write_json",
     "atomic_write_text",
     "fsync_folder",
+    "move_aside",
     "remove_partial_files",
     "sha256sum",
 ]
@@ -138,6 +139,19 @@ def remove_partial_files(folder: str | os.PathLike) -> list[Path]:
             path.unlink()
             removed.append(path)
     return removed
+
+
+def move_aside(path: str | os.PathLike, name: str) -> Path:
+    """Rename ``path`` to ``name`` in its folder (``name-1``, ``name-2`` ... if taken), keeping a bad file for a
+    person to look at instead of deleting it; returns the new path."""
+    path = Path(path)
+    target, n = path.with_name(name), 0
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{name}-{n}")
+    os.rename(path, target)
+    fsync_folder(path.parent)
+    return target
 
 
 def sha256sum(path: str | os.PathLike) -> str:

@@ -13,8 +13,14 @@ the folder before training starts:
 It resumes from the newest of the folder's ``checkpoints/last*.ckpt`` (and the ``dirpath`` of any checkpoint
 callback that sets one) and Lightning's ``hpc_ckpt_N.ckpt``, which SLURM's requeue signal writes into the trainer's
 ``default_root_dir``: ``ecgfm fit`` points that at the run's folder, so a requeued job finds its own and never an
-unrelated job's. The W&B run id is the folder's name, so a resumed run logs to the same W&B run (``resume="allow"``,
-online or offline).
+unrelated job's. A run with neither resumes from its newest other ``.ckpt`` (``best-*.ckpt``). The W&B run id is
+the folder's name, so a resumed run logs to the same W&B run (``resume="allow"``, online or offline).
+
+A checkpoint it resumes from must load safely (weights_only=True) as a Lightning training checkpoint. A truncated,
+corrupt or foreign ``last*.ckpt`` or ``hpc_ckpt_N.ckpt`` is renamed to ``<name>.corrupt-<time>`` (kept, not deleted,
+and never picked again) with a warning, and the run resumes from the newest checkpoint of the run that loads (by
+saved global step, then time): an older ``hpc_ckpt``, a ``best-*.ckpt``. When none loads, nothing is moved and
+``ecgfm fit`` stops, naming each file and why: it never silently starts the run over.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ import socket
 import string
 import subprocess
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +44,9 @@ import lightning as L
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import Callback
 
-from ecgfm.io import atomic_write_json, remove_partial_files
+from ecgfm.backbones.checkpoint import CheckpointError
+from ecgfm.checkpointing import check_lightning_checkpoint
+from ecgfm.io import atomic_write_json, move_aside, remove_partial_files
 
 RECORD = "ecgfm-run.json"
 HANDOFF_ENV = "ECGFM_RUN_PLAN"  # rank 0's decision, for the DDP processes Lightning starts (they re-run the command)
@@ -57,16 +65,15 @@ class RunPlan:
     fingerprint: str
     note: str
     step: int | None = None  # the global step saved in ckpt_path
+    warnings: list[str] = field(default_factory=list)  # checkpoints moved aside or skipped, and why
 
 
-def saved_step(path: str | os.PathLike) -> int | None:
-    """The global step a Lightning checkpoint was saved at (None if it cannot be read: Lightning will say why)."""
-    import torch
-
+def resumable_step(path: Path) -> tuple[int | None, str | None]:
+    """(the global step it was saved at, None) for a checkpoint a run can resume from, else (None, why not)."""
     try:
-        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
-    except Exception:  # only for the message: loading it for real reports the problem
-        return None
+        return check_lightning_checkpoint(path, resuming=True), None
+    except CheckpointError as err:
+        return None, str(err)
 
 
 def spell_out_default_logger(trainer: Namespace) -> None:
@@ -147,6 +154,60 @@ def newest_checkpoint(run_dir: Path, checkpoint_dirs: list[Path]) -> Path | None
     return max(stamped)[1] if stamped else None
 
 
+def _aside_name(path: Path) -> str:
+    """``<name>.corrupt-<time>``; Lightning's SLURM lookup reads a version from any name containing ``hpc_ckpt_``."""
+    return f"{path.name.replace('hpc_ckpt_', 'hpc_ckpt-')}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def resume_point(run_dir: Path, checkpoint_dirs: list[Path]) -> tuple[Path | None, int | None, list[str]]:
+    """The checkpoint a run resumes from, its global step, and warnings about the checkpoints that do not load.
+
+    The newest ``last*.ckpt``/``hpc_ckpt_N.ckpt`` when it loads; else the newest (by global step, then time) of every
+    checkpoint of the run that loads (so also after an earlier rerun moved a broken ``last.ckpt`` aside), with the
+    broken ``last``/``hpc`` files moved aside (they would be picked again). None: the run has no checkpoint.
+    Raises CheckpointError naming every file tried when none loads.
+    """
+    tried: dict[Path, str] = {}
+    newest = newest_checkpoint(run_dir, checkpoint_dirs)
+    if newest is not None:
+        step, problem = resumable_step(newest)
+        if problem is None:
+            return newest, step, []
+        tried[newest] = problem
+    loadable = []
+    others = [p for d in checkpoint_dirs if d.is_dir() for p in d.glob("*.ckpt")]
+    others += list(run_dir.glob("hpc_ckpt_*.ckpt")) if run_dir.is_dir() else []
+    if not others:
+        return None, None, []
+    for path in dict.fromkeys(others):  # a dirpath may be the run's own checkpoints folder
+        if path == newest:
+            continue
+        step, problem = resumable_step(path)
+        with contextlib.suppress(FileNotFoundError):  # another process of this launch moved it aside
+            mtime = path.stat().st_mtime_ns
+            if problem is None:
+                loadable.append((step, mtime, path))
+            else:
+                tried[path] = problem
+    if not loadable:
+        reasons = "; ".join(tried.values())
+        raise CheckpointError(
+            f"cannot resume the unfinished run in {run_dir}: none of its checkpoints loads ({reasons}); run the same "
+            "command with --resume never to start it over, or give --ckpt_path"
+        )
+    step, _, chosen = max(loadable)
+    notes = []
+    for path, problem in tried.items():
+        if path.name.startswith(("last", "hpc_ckpt_")):
+            try:
+                notes.append(f"moved {path} aside to {move_aside(path, _aside_name(path)).name}: {problem}")
+            except FileNotFoundError:  # another process of this launch moved it first
+                notes.append(f"{path} was moved aside: {problem}")
+        else:
+            notes.append(f"skipped {path}: {problem}")
+    return chosen, step, notes
+
+
 def read_record(run_dir: Path) -> dict[str, Any] | None:
     try:
         return json.loads((run_dir / RECORD).read_text())
@@ -223,9 +284,10 @@ def plan_run(config: Namespace, mode: str = "auto") -> RunPlan:
     if fixed is not None:
         run_dir = parent / fixed
         record = read_record(run_dir)
-        ckpt = newest_checkpoint(run_dir, _checkpoint_dirs(trainer, run_dir))
-        if mode == "auto" and ckpt is not None and not (record or {}).get("finished"):
-            return RunPlan(str(run_dir), None, str(ckpt), fingerprint, "resuming", saved_step(ckpt))
+        if mode == "auto" and not (record or {}).get("finished"):
+            ckpt, step, notes = resume_point(run_dir, _checkpoint_dirs(trainer, run_dir))
+            if ckpt is not None:
+                return RunPlan(str(run_dir), None, str(ckpt), fingerprint, "resuming", step, notes)
         return RunPlan(str(run_dir), None, None, fingerprint, "new run")
     if mode == "auto" and parent.is_dir():
         runs = []
@@ -235,9 +297,10 @@ def plan_run(config: Namespace, mode: str = "auto") -> RunPlan:
                 runs.append(((run_dir / RECORD).stat().st_mtime_ns, run_dir, record))
         if runs:
             _, run_dir, record = max(runs, key=lambda r: r[0])
-            ckpt = newest_checkpoint(run_dir, _checkpoint_dirs(trainer, run_dir))
-            if ckpt is not None and not record.get("finished") and not _owner_alive(record):
-                return RunPlan(str(run_dir), run_dir.name, str(ckpt), fingerprint, "resuming", saved_step(ckpt))
+            if not record.get("finished") and not _owner_alive(record):
+                ckpt, step, notes = resume_point(run_dir, _checkpoint_dirs(trainer, run_dir))
+                if ckpt is not None:
+                    return RunPlan(str(run_dir), run_dir.name, str(ckpt), fingerprint, "resuming", step, notes)
     version = _new_wandb_id(fingerprint, parent) if kind == "WandbLogger" else _next_version(parent)
     return RunPlan(str(parent / version), version, None, fingerprint, "new run")
 

@@ -184,6 +184,18 @@ def test_safetensors_checkpoint_loads(tmp_path):
     torch.testing.assert_close(loaded.dense.weight, model.dense.weight)
 
 
+def test_a_file_that_is_not_safetensors_is_named(tmp_path):
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"\x00" * 7 + b"not safetensors at all")
+    with pytest.raises(CheckpointError, match=f"cannot read checkpoint {path}: not a readable .safetensors file"):
+        ecgfm.create_backbone("net1d-tiny", pretrained=path)
+    truncated = tmp_path / "model.pth"
+    torch.save({"state_dict": ecgfm.create_backbone("net1d-tiny").state_dict()}, truncated)
+    truncated.write_bytes(truncated.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match=f"cannot read checkpoint {truncated}: it is truncated or corrupt"):
+        ecgfm.create_backbone("net1d-tiny", pretrained=truncated)
+
+
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(CheckpointError, match="nothere.pth does not exist"):
         ecgfm.create_backbone("net1d-tiny", pretrained=tmp_path / "nothere.pth")

@@ -428,7 +428,10 @@ def test_triage_recipe_fast_dev_run(triage_shards, tmp_path):
         f"--trainer.default_root_dir={tmp_path}",
         f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
         "--trainer.enable_progress_bar=false",
-        "--trainer.fast_dev_run=true",
+        "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=1",
+        "--trainer.limit_val_batches=1",
+        "--trainer.num_sanity_val_steps=0",  # one batch of each, as fast_dev_run (which writes no tables) would
     ]
     assert main(args) == 0
     tables = sorted(p.name for p in tmp_path.rglob("tables/*.csv"))

@@ -9,6 +9,7 @@ import contextlib
 import csv
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -111,6 +112,19 @@ def test_lightning_checkpoints_and_slurm_hpc_checkpoints_go_through_the_atomic_w
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 3
 
 
+def test_checkpoints_are_read_back_only_with_weights_only(tmp_path):
+    from ecgfm.backbones.checkpoint import CheckpointError
+
+    io = AtomicCheckpointIO()
+    path = fake_checkpoint(tmp_path / "a.ckpt", step=3)
+    assert io.load_checkpoint(path)["global_step"] == 3
+    with pytest.raises(CheckpointError, match="only with weights_only=True"):  # `--weights_only false` is refused
+        io.load_checkpoint(path, weights_only=False)
+    torch.save({"state_dict": {}, "hook": print}, path)
+    with pytest.raises(CheckpointError, match=f"refusing to load {path}: it pickles print"):
+        io.load_checkpoint(path)
+
+
 # ----------------------------------------------------------------------------------------------- choosing the run
 def fit_config(save_dir: Path, logger: str = "CSVLogger", **logger_args) -> Namespace:
     args = {"save_dir": str(save_dir), "name": "run", "version": None, **logger_args}
@@ -129,9 +143,16 @@ def fit_config(save_dir: Path, logger: str = "CSVLogger", **logger_args) -> Name
     )
 
 
+def fake_checkpoint(path: Path, step: int = 0) -> Path:
+    """The smallest file that ``ecgfm fit`` resumes from: what Lightning's training checkpoints hold."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {"state_dict": {"w": torch.zeros(2)}, "global_step": step, "epoch": 0, "loops": {}, "optimizer_states": []}
+    torch.save({**state, "pytorch-lightning_version": L.__version__}, path)
+    return path
+
+
 def fake_run(run_dir: Path, fingerprint: str, finished: bool = False, pid: int = 999_999_999, **extra) -> Path:
-    (run_dir / "checkpoints").mkdir(parents=True)
-    (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"")
+    fake_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     record = {"fingerprint": fingerprint, "finished": finished, "host": "elsewhere", "pid": pid, **extra}
     (run_dir / RECORD).write_text(json.dumps(record))
     return run_dir / "checkpoints" / "last.ckpt"
@@ -156,8 +177,7 @@ def test_the_same_command_resumes_its_newest_unfinished_run_and_anything_else_st
     assert config_fingerprint(other) == fingerprint
 
     # SLURM's requeue checkpoint, newer than last.ckpt, is the one to resume from
-    hpc = tmp_path / "run" / "version_0" / "hpc_ckpt_2.ckpt"
-    hpc.write_bytes(b"")
+    hpc = fake_checkpoint(tmp_path / "run" / "version_0" / "hpc_ckpt_2.ckpt")
     os.utime(last, (time.time() - 60, time.time() - 60))
     assert plan_run(config).ckpt_path == str(hpc)
 
@@ -182,6 +202,70 @@ def test_a_run_that_is_still_going_is_not_taken_over(tmp_path):
         live.kill()
         live.wait()
     assert plan_run(config).version == "version_0"  # its process is gone: resume it
+
+
+# ----------------------------------------------------------------------------------------------- a bad checkpoint
+def truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # what a full disk or a copy cut short leaves
+
+
+def aside(folder: Path, name: str) -> list[Path]:
+    return sorted(folder.glob(f"{name}.corrupt-*"))
+
+
+def test_a_broken_last_ckpt_is_moved_aside_and_the_newest_checkpoint_that_loads_is_resumed(tmp_path):
+    config = fit_config(tmp_path)
+    run_dir = tmp_path / "run" / "version_0"
+    last = fake_run(run_dir, config_fingerprint(config))
+    fake_checkpoint(last.parent / "best-epoch=00.ckpt", step=17)
+    hpc = fake_checkpoint(run_dir / "hpc_ckpt_1.ckpt", step=20)
+    os.utime(hpc, (time.time() - 60, time.time() - 60))  # last.ckpt is the newest: the one a rerun would pick
+
+    truncate(last)
+    plan = plan_run(config)
+    assert (plan.ckpt_path, plan.step, plan.version) == (str(hpc), 20, "version_0")  # the highest step that loads
+    moved = aside(last.parent, "last.ckpt")
+    assert not last.exists() and len(moved) == 1  # kept for a person to look at, not deleted
+    assert plan.warnings == [f"moved {last} aside to {moved[0].name}: cannot read checkpoint {last}: it is truncated "
+                             "or corrupt (an interrupted copy or write?)"]  # fmt: skip
+
+    # a foreign file named like a checkpoint: a text file, a plain pickle, a dict torch.save wrote, bare weights
+    hpc.write_text("not a checkpoint\n")
+    with open(last, "wb") as f:
+        pickle.dump({"global_step": 5}, f)
+    plan = plan_run(config)
+    assert plan.ckpt_path == str(last.parent / "best-epoch=00.ckpt") and plan.step == 17
+    assert not hpc.exists() and not last.exists() and len(aside(last.parent, "last.ckpt")) == 2
+    hpc_aside = aside(run_dir, "hpc_ckpt-1.ckpt")  # Lightning's SLURM lookup takes any name with "hpc_ckpt_" in it
+    assert len(hpc_aside) == 1 and not list(run_dir.glob("*hpc_ckpt_*"))
+    assert any(f"{hpc} aside" in w and "not a" in w for w in plan.warnings)  # not a torch checkpoint
+    assert any(f"{last} aside" in w and "not a checkpoint written by torch.save" in w for w in plan.warnings)
+
+    torch.save({"global_step": 30, "weights": torch.ones(2)}, last)
+    assert "is not a Lightning checkpoint (no state_dict" in plan_run(config).warnings[0]
+    torch.save({"state_dict": {}, "global_step": 40, "pytorch-lightning_version": L.__version__}, last)
+    assert "holds no training state to resume from" in plan_run(config).warnings[0]
+    assert plan_run(config).ckpt_path == str(last.parent / "best-epoch=00.ckpt")
+
+
+def test_when_no_checkpoint_loads_fit_stops_and_names_each_file_without_moving_any(tmp_path):
+    from ecgfm.backbones.checkpoint import CheckpointError
+
+    config = fit_config(tmp_path)
+    run_dir = tmp_path / "run" / "version_0"
+    last = fake_run(run_dir, config_fingerprint(config))
+    best = fake_checkpoint(last.parent / "best-epoch=00.ckpt", step=17)
+    truncate(last)
+    truncate(best)
+    with pytest.raises(CheckpointError) as refused:
+        plan_run(config)
+    message = str(refused.value)
+    assert "\n" not in message and f"cannot resume the unfinished run in {run_dir}" in message
+    assert f"{last}: it is truncated" in message and f"{best}: it is truncated" in message
+    assert "--resume never" in message and "weights_only=False" not in message
+    assert sorted(p.name for p in last.parent.iterdir()) == ["best-epoch=00.ckpt", "last.ckpt"]  # nothing moved
+    assert plan_run(config, "never").version == "version_1"  # what the message says to do: a new run
 
 
 def test_a_named_run_wandb_ids_and_the_ddp_hand_off(tmp_path, monkeypatch):
@@ -412,6 +496,63 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(reference, synthetic_shar
     output = run_to_end(command, env, tmp_path, "restarted")
     assert f"ecgfm fit: resuming {last.parents[1]} from {last} (global step {saved})" in output
     assert_same_as_reference(tmp_path, reference)
+
+
+def test_a_truncated_last_ckpt_resumes_from_the_previous_good_checkpoint(reference, synthetic_shards, tmp_path):
+    """Killed in the second epoch, and last.ckpt cut short (a full disk, a copy that did not finish): the rerun moves
+    it aside, resumes from best-epoch=00.ckpt and ends where the uninterrupted run ended."""
+    command = fit_command(tmp_path, synthetic_shards, write_test_config(tmp_path))
+    env = child_env(tmp_path)
+    last = tmp_path / "logs" / "potassium" / "version_0" / "checkpoints" / "last.ckpt"
+    best = last.with_name("best-epoch=00.ckpt")
+    proc = start(command, env, tmp_path, "killed")
+    wait_until(proc, tmp_path, last_ckpt_at_least(last, 21), "killed")  # epoch 1 is 17 batches: past best-epoch=00
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert step_of(best) == 17 and step_of(last) > 17
+    truncate(last)
+    output = run_to_end(command, env, tmp_path, "restarted")
+    moved = aside(last.parent, "last.ckpt")
+    assert len(moved) == 1
+    assert f"ecgfm fit: warning: moved {last} aside to {moved[0].name}: cannot read checkpoint {last}" in output
+    assert f"ecgfm fit: resuming {last.parents[1]} from {best} (global step 17)" in output
+    assert_same_as_reference(tmp_path, reference)  # the same final global step, epoch, schedule and weights
+
+
+def test_a_run_whose_checkpoints_all_fail_to_load_is_one_line_naming_them(synthetic_shards, tmp_path, capsys):
+    from ecgfm.commands import main
+
+    args = [
+        "fit",
+        "--config",
+        str(RECIPE),
+        f"--data.root={synthetic_shards}",
+        "--model.backbone=net1d-tiny",
+        "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=1",
+        "--trainer.limit_val_batches=1",
+        "--trainer.num_sanity_val_steps=0",
+        "--trainer.enable_progress_bar=false",
+        f"--trainer.default_root_dir={tmp_path / 'out'}",
+        f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
+    ]
+    assert main(args) == 0
+    run_dir = tmp_path / "logs" / "potassium" / "version_0"
+    record = json.loads((run_dir / RECORD).read_text())
+    (run_dir / RECORD).write_text(json.dumps({**record, "finished": False}))  # as if killed
+    checkpoints = sorted((run_dir / "checkpoints").glob("*.ckpt"))
+    assert [p.name for p in checkpoints] == ["best-epoch=00.ckpt", "last.ckpt"]
+    for path in checkpoints:
+        truncate(path)
+    capsys.readouterr()
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("ecgfm: error:")]
+    assert len(errors) == 1 and errors[0] == err.strip().splitlines()[-1] and "Traceback" not in err
+    assert all(str(path) in errors[0] for path in checkpoints) and "--resume never" in errors[0]
+    assert sorted((run_dir / "checkpoints").iterdir()) == checkpoints  # nothing moved: a rerun says the same
+    assert main([*args, "--resume", "never"]) == 0  # what the message says: a new run beside it
+    assert (tmp_path / "logs" / "potassium" / "version_1" / "checkpoints" / "last.ckpt").is_file()
 
 
 def test_sigterm_saves_the_current_step_and_the_same_command_resumes(reference, synthetic_shards, tmp_path):

@@ -31,7 +31,11 @@ def recipe_args(shards, tmp_path, *extra):
 
 
 def test_fit_quickstart_recipe_fast_dev_run(ludb_shards, tmp_path):
+    """A fast_dev_run checks a recipe and writes nothing (docs/recipes.md): no last.ckpt a later fit would resume
+    from, no one-batch tables over a real run's, no logs."""
     assert main(["fit", *recipe_args(ludb_shards, tmp_path, "--trainer.fast_dev_run=true")]) == 0
+    assert main(["test", *recipe_args(ludb_shards, tmp_path, "--trainer.fast_dev_run=true")]) == 0
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]
 
 
 def test_fit_test_predict_and_reload(ludb_shards, tmp_path):

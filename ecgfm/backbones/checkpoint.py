@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import pickle
+import re
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -15,8 +18,9 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read safely or does not match the model; the message names file and keys."""
 
 
-def _numpy_scalar_globals() -> list[Any]:
-    """What unpickling a numpy scalar (ECGFounder stores ``val_auroc`` as one) needs, and nothing more."""
+def allowed_globals() -> list[Any]:
+    """The allow-list beyond torch's own: what unpickling a numpy scalar (ECGFounder stores ``val_auroc`` as one)
+    needs, and nothing more."""
     try:
         from numpy._core.multiarray import scalar  # numpy >= 2
     except ImportError:  # pragma: no cover - numpy 1.x
@@ -29,19 +33,61 @@ def _numpy_scalar_globals() -> list[Any]:
     return allowed
 
 
-def safe_torch_load(path: str | Path) -> Any:
-    """``torch.load`` that can never run code from the file: weights_only=True plus the numpy-scalar allow-list."""
+def load_error(path: str | Path, err: BaseException) -> CheckpointError:
+    """A one-line CheckpointError naming ``path`` and why torch could not read it safely, for the command line's
+    one-line errors: torch's own message spans many lines and suggests loading with weights_only=False, which ecgfm
+    never does."""
+    text = str(err)
+    unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if unsafe:
+        return CheckpointError(
+            f"refusing to load {path}: it pickles {unsafe.group(1)}, which is not on ecgfm's allow-list of plain "
+            "weights (tensors, containers, numbers, numpy scalars); ecgfm never runs code from a checkpoint"
+        )
+    unpickler = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+    if isinstance(err, pickle.UnpicklingError) or unpickler:
+        detail = f" ({unpickler.group(1).strip()})" if unpickler else ""
+        return CheckpointError(
+            f"refusing to load {path}: it is not a checkpoint written by torch.save (a plain pickle or another "
+            f"format){detail}; ecgfm reads torch checkpoints with a plain-weights allow-list, or .safetensors"
+        )
+    if isinstance(err, IsADirectoryError):
+        reason = "it is a folder, not a file"
+    elif isinstance(err, PermissionError):
+        reason = "permission denied"
+    elif isinstance(err, EOFError) or "central directory" in text:
+        reason = "it is truncated or corrupt (an interrupted copy or write?)"
+    elif isinstance(err, KeyError) or "invalid load key" in text:
+        reason = "it is not a torch checkpoint"
+    else:
+        lines = [line.strip() for line in text.splitlines() if line.strip() and "weights_only" not in line]
+        reason = f"{type(err).__name__}: {lines[0] if lines else 'unreadable'}"
+    return CheckpointError(f"cannot read checkpoint {path}: {reason}")
+
+
+def safe_torch_load(path: str | Path, map_location: Any = "cpu", mmap: bool = False) -> Any:
+    """``torch.load`` that can never run code from the file: weights_only=True plus the numpy-scalar allow-list.
+
+    ``mmap=True`` maps the tensors instead of reading them (cheap for checking a large checkpoint); a file in
+    torch's old, non-zip format is then read in full. Every failure is a one-line CheckpointError naming the file.
+    """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    if path.is_file() and path.stat().st_size == 0:
+        raise CheckpointError(f"cannot read checkpoint {path}: it is empty (an interrupted copy or write?)")
     try:
-        with torch.serialization.safe_globals(_numpy_scalar_globals()):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle.UnpicklingError for refused globals, RuntimeError for corrupt files
-        raise CheckpointError(
-            f"refusing to load {path}: it is not a plain-weights checkpoint that loads with weights_only=True "
-            f"(it may contain code or objects outside the allow-list). Reason: {err}"
-        ) from err
+        with torch.serialization.safe_globals(allowed_globals()), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")  # a plain pickle: refused below
+            if mmap:
+                try:
+                    return torch.load(path, map_location=map_location, weights_only=True, mmap=True)
+                except RuntimeError as err:
+                    if "_use_new_zipfile_serialization" not in str(err):
+                        raise
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # pickle.UnpicklingError for refused globals, RuntimeError/EOFError for corrupt files
+        raise load_error(path, err) from err
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
@@ -50,9 +96,12 @@ def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        if not path.is_file():
+        if not path.exists():
             raise CheckpointError(f"checkpoint {path} does not exist")
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except Exception as err:  # SafetensorError (header too large, truncated, ...), IsADirectoryError
+            raise CheckpointError(f"cannot read checkpoint {path}: not a readable .safetensors file ({err})") from err
     obj = safe_torch_load(path)
     for key in ("state_dict", "model_state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):

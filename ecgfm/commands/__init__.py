@@ -3,6 +3,8 @@ this package, so the command line can change without touching what it drives."""
 
 from __future__ import annotations
 
+import argparse
+import errno
 import importlib
 import os
 import signal
@@ -21,8 +23,11 @@ COMMANDS = {
 }
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+DEBUG_ENV = "ECGFM_DEBUG"
+#: OSErrors about the machine rather than the code (a full disk, a read-only or over-quota file system).
+ENVIRONMENT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)
 
-USAGE = """usage: ecgfm COMMAND [options]
+USAGE = """usage: ecgfm [--debug] COMMAND [options]
 
 commands:
   fit | validate | test | predict   train or evaluate from a YAML recipe: ecgfm fit --config quickstart/net1d-small
@@ -39,33 +44,74 @@ commands:
   recipes list | show | copy        the shipped recipes: list them, print one, copy one to edit
 
 --config takes a YAML file or the name of a shipped recipe (`ecgfm recipes list`).
-`ecgfm COMMAND --help` shows the options of a command.
+`ecgfm COMMAND --help` shows the options of a command. A mistake in the input ends in one line, `ecgfm: error: ...`;
+`ecgfm --debug COMMAND ...` (or ECGFM_DEBUG=1) shows its traceback too.
 """
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; a bad input ends with one line naming what is wrong (ECGFM_DEBUG=1 shows the traceback)."""
+    """Entry point; a user's mistake ends in one line naming the file, record, column or key (``--debug`` or
+    ECGFM_DEBUG=1 shows the traceback); a bug in ecgfm keeps its traceback."""
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    from ecgfm.backbones.checkpoint import CheckpointError
-    from ecgfm.data.shards import ShardError
-    from ecgfm.data.sources import RecordError
-    from ecgfm.leads import LeadError
-
+    # [*...], not list(...): importing ecgfm.commands.list binds the name `list` in this module to it
+    args = [*(sys.argv[1:] if argv is None else argv)]
+    debug_before = os.environ.get(DEBUG_ENV)
+    if args[:1] == ["--debug"]:
+        args = args[1:]
+        os.environ[DEBUG_ENV] = "1"  # for the DDP processes Lightning starts by running the command again, too
     try:
-        # [*...], not list(...): importing ecgfm.commands.list binds the name `list` in this module to it
-        return _dispatch([*(sys.argv[1:] if argv is None else argv)])
+        return _dispatch(args)
     except SIGTERMException:
         # Lightning stops after the current batch on SIGTERM; ResumableCheckpoint saved last.ckpt on the way out
         print("ecgfm: stopped by SIGTERM; run the same command again to resume", file=sys.stderr)
         return 128 + signal.SIGTERM
-    except (CheckpointError, ShardError, RecordError, LeadError, FileNotFoundError, KeyError, ValueError) as err:
-        if os.environ.get("ECGFM_DEBUG"):
+    except Exception as err:
+        message = user_error(err)
+        if message is None or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
             raise
-        # KeyError's str() quotes its message; the project's KeyErrors name the missing key, target or label
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        if isinstance(err, argparse.ArgumentError):
+            own_parser = args[:2] == ["shard", "verify"] or (args[:1] == ["bench"] and args[1:2] != ["--help"])
+            command = " ".join(args[:2] if own_parser else args[:1])
+            print(f"ecgfm: error: {message} (`ecgfm {command} --help` lists the options)", file=sys.stderr)
+            return 2
         print(f"ecgfm: error: {message}", file=sys.stderr)
         return 1
+    finally:
+        if debug_before is None:
+            os.environ.pop(DEBUG_ENV, None)
+        else:
+            os.environ[DEBUG_ENV] = debug_before
+
+
+def user_error(err: BaseException) -> str | None:
+    """The one-line message for an error in what the user gave (a file, record, option, key); None for a bug.
+
+    User errors are ecgfm's own (CheckpointError, ShardError, RecordError, LeadError and the ValueErrors:
+    ContractError, UnknownNameError), ValueError and KeyError with a sentence, option errors, Lightning's
+    MisconfigurationException and OSErrors about a path or the machine. A KeyError holding only a key
+    (``KeyError('potassium')``) says nothing a user can act on: it is a bug, and keeps its traceback.
+    """
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    from ecgfm.backbones.checkpoint import CheckpointError
+    from ecgfm.data.shards import ShardError
+    from ecgfm.data.sources import RecordError
+
+    if isinstance(err, KeyError):
+        text = str(err.args[0]) if len(err.args) == 1 else ""
+        return _one_line(text) if " " in text.strip() else None
+    if isinstance(err, OSError):
+        named = err.filename is not None or isinstance(
+            err, (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
+        )
+        return _one_line(str(err)) if named or err.errno in ENVIRONMENT_ERRNOS else None
+    user = (CheckpointError, ShardError, RecordError, ValueError, argparse.ArgumentError, MisconfigurationException)
+    return _one_line(str(err)) if isinstance(err, user) and str(err).strip() else None
+
+
+def _one_line(text: str) -> str:
+    return " ".join(line.strip() for line in text.strip().splitlines() if line.strip())
 
 
 def _dispatch(argv: list[str]) -> int:

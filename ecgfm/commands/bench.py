@@ -28,7 +28,7 @@ def run(argv: list[str]) -> int:
 def run_data(argv: list[str]) -> int:
     from ecgfm.bench.data import run_data_benchmark
 
-    parser = ArgumentParser(prog="ecgfm bench data", description=run_data_benchmark.__doc__)
+    parser = ArgumentParser(prog="ecgfm bench data", exit_on_error=False, description=run_data_benchmark.__doc__)
     parser.add_function_arguments(run_data_benchmark, skip={"console"})
     cfg = parser.parse_args(argv).as_dict()
     cfg["workers"] = tuple(cfg["workers"])
@@ -39,7 +39,9 @@ def run_data(argv: list[str]) -> int:
 def run_metrics(argv: list[str]) -> int:
     from ecgfm.bench.metrics import run_metrics_benchmark
 
-    parser = ArgumentParser(prog="ecgfm bench metrics", description=run_metrics_benchmark.__doc__.split("\n\n")[0])
+    parser = ArgumentParser(
+        prog="ecgfm bench metrics", exit_on_error=False, description=run_metrics_benchmark.__doc__.split("\n\n")[0]
+    )
     parser.add_function_arguments(run_metrics_benchmark, skip={"console"})
     cfg = parser.parse_args(argv).as_dict()
     run_metrics_benchmark(**{k: v for k, v in cfg.items() if k != "__path__"})
@@ -51,7 +53,7 @@ def run_distillation(argv: list[str]) -> int:
     from ecgfm.commands.lightning import run_lightning
 
     description = run_distillation_benchmark.__doc__.split("\n\n")[0]
-    parser = ArgumentParser(prog="ecgfm bench distillation", description=description)
+    parser = ArgumentParser(prog="ecgfm bench distillation", exit_on_error=False, description=description)
     parser.add_function_arguments(run_distillation_benchmark, skip={"run"})
     cfg = {k: v for k, v in parser.parse_args(argv).as_dict().items() if k != "__path__"}
     run_distillation_benchmark(run_lightning, **cfg)

@@ -10,7 +10,9 @@ def run(argv: list[str]) -> int:
     from ecgfm.finetune.teacher_cache import cache_teacher_outputs
 
     parser = ArgumentParser(
-        prog="ecgfm distill-cache", description=cache_teacher_outputs.__doc__.split("\n\n")[0].strip()
+        prog="ecgfm distill-cache",
+        exit_on_error=False,
+        description=cache_teacher_outputs.__doc__.split("\n\n")[0].strip(),
     )
     parser.add_function_arguments(cache_teacher_outputs)
     cfg = {k: v for k, v in parser.parse_args(argv).as_dict().items() if k != "__path__"}

@@ -5,13 +5,16 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+from argparse import ArgumentError
 from typing import Any, Literal
 
+import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 
-from ecgfm.checkpointing import AtomicCheckpointIO
+from ecgfm.backbones.checkpoint import CheckpointError, allowed_globals
+from ecgfm.checkpointing import AtomicCheckpointIO, check_lightning_checkpoint
 from ecgfm.commands.recipes import expand_config_names
 from ecgfm.data.datamodule import ShardDataModule
 from ecgfm.resume import (
@@ -27,10 +30,12 @@ from ecgfm.resume import (
 from ecgfm.tasks import FineTuneTask
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+CKPT_PATH_WORDS = ("best", "last", "hpc", "registry")  # Lightning's special values of ckpt_path, not files
 
 
 class EcgfmCLI(LightningCLI):
-    """LightningCLI for FineTuneTask and ShardDataModule; ``fit`` also resumes and writes checkpoints atomically."""
+    """LightningCLI for FineTuneTask and ShardDataModule; ``fit`` also resumes, and every subcommand writes checkpoints
+    atomically and reads them only safely (weights_only=True), a bad file being one line that names it."""
 
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any):
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
@@ -44,6 +49,19 @@ class EcgfmCLI(LightningCLI):
             )
         return parser
 
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI reads the hyperparameters of ``--ckpt_path`` right after parsing: check the file first (safely,
+        tensors memory-mapped), so that a bad one is one line naming it rather than a traceback from torch."""
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if isinstance(ckpt_path, str) and ckpt_path.partition(":")[0] not in CKPT_PATH_WORDS and "://" not in ckpt_path:
+            check_lightning_checkpoint(ckpt_path, resuming=subcommand == "fit")
+        try:
+            with torch.serialization.safe_globals(allowed_globals()):  # Lightning's own torch.load(weights_only=True)
+                super()._parse_ckpt_path()
+        except ArgumentError as err:
+            raise CheckpointError(f"the model options stored in {ckpt_path} do not fit this command: {err}") from err
+
     def before_instantiate_classes(self) -> None:
         self.run_plan: RunPlan | None = None
         if self.subcommand != "fit" or self.config.fit.trainer.get("fast_dev_run"):
@@ -53,13 +71,29 @@ class EcgfmCLI(LightningCLI):
         mode = "never" if config.get("ckpt_path") else config.get("resume", "auto")
         self.run_plan = plan_run(config, mode)
         apply_plan(config, self.run_plan)
-        if _launch_rank() == 0 and self.run_plan.note:
-            print(f"ecgfm fit: {self.run_plan.note}{_plan_details(self.run_plan)}", file=sys.stderr)
+        if _launch_rank() == 0:
+            for warning in self.run_plan.warnings:
+                print(f"ecgfm fit: warning: {warning}", file=sys.stderr)
+            if self.run_plan.note:
+                print(f"ecgfm fit: {self.run_plan.note}{_plan_details(self.run_plan)}", file=sys.stderr)
 
-    def before_fit(self) -> None:
+    def _read_checkpoints_safely(self) -> None:
         strategy = self.trainer.strategy
         if type(strategy.checkpoint_io) is TorchCheckpointIO:  # the default; a recipe's own CheckpointIO is kept
             strategy.checkpoint_io = AtomicCheckpointIO()
+
+    def before_validate(self) -> None:
+        self._read_checkpoints_safely()
+
+    def before_test(self) -> None:
+        self._read_checkpoints_safely()
+
+    def before_predict(self) -> None:
+        self._read_checkpoints_safely()
+
+    def before_fit(self) -> None:
+        self._read_checkpoints_safely()
+        strategy = self.trainer.strategy
         plan = self.run_plan
         if plan is not None and plan.ckpt_path is not None:  # a resumed run's folders are meant to be non-empty
             warnings.filterwarnings("ignore", message="(Checkpoint|Experiment logs) directory .* is not empty")
@@ -102,7 +136,7 @@ def run_lightning(argv: list[str]) -> LightningCLI:
             FineTuneTask,
             ShardDataModule,
             save_config_kwargs={"overwrite": True},
-            parser_kwargs={"parser_mode": "yaml", "prog": "ecgfm"},
+            parser_kwargs={"parser_mode": "yaml", "prog": "ecgfm", "exit_on_error": False},  # main() prints one line
             auto_configure_optimizers=False,
         )
     finally:

@@ -14,6 +14,7 @@ KINDS = tuple(REGISTRIES)
 def list_parser() -> ArgumentParser:
     parser = ArgumentParser(
         prog="ecgfm list",
+        exit_on_error=False,  # ecgfm.commands.main prints one line
         description="The registered names of one kind (every kind when none is given), each with the first line of "
         "its docstring and the options a recipe can give it.",
     )

@@ -18,6 +18,7 @@ RECIPE = "quickstart/net1d-small"
 def quickstart_parser() -> ArgumentParser:
     parser = ArgumentParser(
         prog="ecgfm quickstart",
+        exit_on_error=False,  # ecgfm.commands.main prints one line
         description="Convert the 120 LUDB recordings bundled with ecgfm into shards, fine-tune a small Net1D on their "
         "diagnoses, test it on held-out patients and print the macro AUROC.",
     )

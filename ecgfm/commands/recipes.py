@@ -44,6 +44,7 @@ def _recipe_path(value: str) -> str:
 def recipes_parser() -> ArgumentParser:
     parser = ArgumentParser(
         prog="ecgfm recipes",
+        exit_on_error=False,  # ecgfm.commands.main prints one line
         description=f"The recipes and presets that ship with ecgfm (in {recipes_dir()}). A shipped recipe's name "
         "also works as --config NAME of fit, validate, test, predict and shard.",
     )

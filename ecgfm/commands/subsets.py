@@ -22,6 +22,7 @@ def subsets_parser() -> ArgumentParser:
 
     parser = ArgumentParser(
         prog="ecgfm subsets",
+        exit_on_error=False,  # ecgfm.commands.main prints one line
         description="Evaluate one FineTuneTask checkpoint on each lead subset and write one table (subset, n_leads, "
         "leads_used, head, metric, value). The data settings default to those the checkpoint was trained with; "
         "--data.* overrides them (e.g. --data.root for another shard folder).",
@@ -52,15 +53,14 @@ def subsets_parser() -> ArgumentParser:
 
 
 def run(argv: list[str]) -> int:
-    import torch
-
+    from ecgfm.backbones.checkpoint import safe_torch_load
+    from ecgfm.checkpointing import check_lightning_checkpoint
     from ecgfm.evaluation.subsets import evaluate_subsets, format_table, write_table
 
     cfg = subsets_parser().parse_args(argv).as_dict()
     checkpoint = Path(cfg["ckpt_path"])
-    if not checkpoint.is_file():
-        raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
-    stored = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+    check_lightning_checkpoint(checkpoint)  # a bad file is one line naming it
+    stored = safe_torch_load(checkpoint, mmap=True)
     data_args = dict(stored.get("datamodule_hyper_parameters") or {})
     del stored
     data_args.update({k: v for k, v in (cfg.get("data") or {}).items() if v is not None})

@@ -8,7 +8,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 def run(argv: list[str]) -> int:
     from ecgfm.data.synthetic import write_synthetic_shards
 
-    parser = ArgumentParser(prog="ecgfm synth", description=write_synthetic_shards.__doc__)
+    parser = ArgumentParser(prog="ecgfm synth", exit_on_error=False, description=write_synthetic_shards.__doc__)
     parser.add_argument("--config", action=ActionConfigFile)
     parser.add_function_arguments(write_synthetic_shards)
     cfg = {k: v for k, v in parser.parse_args(argv).as_dict().items() if k not in ("config", "__path__")}

@@ -21,7 +21,7 @@ class SplitTables(Callback):
     """Writes ``<log dir>/tables/<split>-<head>-<table>.csv`` after each validation and test run, by rank 0.
 
     Validation tables are rewritten each epoch (they follow the thresholds chosen on validation); the sanity check
-    writes none.
+    and a ``fast_dev_run`` (one batch: a check of the recipe, whose tables would replace real ones) write none.
     """
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -34,7 +34,7 @@ class SplitTables(Callback):
     def _write(self, trainer: L.Trainer, pl_module: L.LightningModule, split: str) -> None:
         tables: dict[str, dict[str, list[dict[str, Any]]]] = getattr(pl_module, "split_tables", {}).pop(split, {})
         log_dir = trainer.log_dir  # every rank asks: some loggers broadcast the directory from rank 0
-        if not tables or trainer.global_rank != 0:
+        if not tables or trainer.global_rank != 0 or trainer.fast_dev_run:
             return
         folder = Path(log_dir or trainer.default_root_dir) / "tables"
         for head, named in tables.items():
