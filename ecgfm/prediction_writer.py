@@ -24,7 +24,7 @@ class PredictionCSVWriter(BasePredictionWriter):
         self, trainer: L.Trainer, pl_module: L.LightningModule, predictions: Any, batch_indices: Any
     ) -> None:
         batches = predictions[0] if predictions and isinstance(predictions[0], list) else predictions
-        if not batches:
+        if not batches or trainer.fast_dev_run:  # a fast_dev_run writes nothing, as for checkpoints and tables
             return
         columns = list(batches[0])
         log_dir = trainer.log_dir or trainer.default_root_dir

@@ -98,7 +98,7 @@ class Registry(Generic[T]):
                 raise ValueError(f"a {self.kind} given as a dict needs a {self.key!r} key, got keys {sorted(spec)}")
             options = dict(spec)
             return str(options.pop(self.key)), options
-        raise TypeError(f"a {self.kind} is given as a name or a dict with {self.key!r}, not {type(spec).__name__}")
+        raise ValueError(f"a {self.kind} is given as a name or a dict with {self.key!r}, not {type(spec).__name__}")
 
     def create(self, spec: str | Mapping[str, Any], *args: Any, **extra: Any) -> Any:
         """Build the entry ``spec`` names with its options (and ``args``/``extra`` the caller adds).

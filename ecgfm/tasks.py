@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from ecgfm.adapters import LeadDropout, create_adapter
 from ecgfm.backbones import create_backbone
 from ecgfm.backbones.config import ContractError, InputContract, ModelConfig
+from ecgfm.checkpointing import check_lightning_checkpoint
 from ecgfm.data.shards import MANIFEST_NAME, Manifest
 from ecgfm.evaluation.tables import SplitTables
 from ecgfm.finetune.distillation import Distiller
@@ -210,8 +211,7 @@ class FineTuneTask(L.LightningModule):
     def load_frozen(cls, path: str | Path) -> FineTuneTask:
         """A checkpoint on the CPU, frozen and in eval mode, as a teacher is used (its own teacher is never loaded)."""
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"checkpoint {path} does not exist")
+        check_lightning_checkpoint(path)  # one line naming the file for a missing, corrupt or unsafe one
         model = cls.load_from_checkpoint(path, map_location="cpu", teacher=None, teacher_cache=False)
         model.requires_grad_(False)
         return model.eval()

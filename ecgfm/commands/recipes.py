@@ -5,13 +5,13 @@ Also where a recipe name given to ``--config`` becomes the shipped file, for eve
 
 from __future__ import annotations
 
-import shutil
 import sys
 from itertools import groupby
 from pathlib import Path, PurePosixPath
 
 from jsonargparse import ArgumentParser
 
+from ecgfm.io import atomic_write_bytes
 from ecgfm.resources import RECIPE_SUFFIX, find_recipe, recipe_files, recipes_dir
 
 CONFIG_FLAGS = ("--config", "-c")
@@ -79,8 +79,7 @@ def run(argv: list[str]) -> int:
     if dest.exists() and not cfg.copy.force:
         print(f"ecgfm recipes: {dest} exists; pass --force to overwrite it", file=sys.stderr)
         return 1
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(source, dest)
+    atomic_write_bytes(dest, source.read_bytes())
     print(f"wrote {dest}")
     return 0
 

@@ -10,7 +10,9 @@ from ecgfm.commands.recipes import expand_config_names
 def shard_parser() -> ArgumentParser:
     from ecgfm.data.convert import convert
 
-    parser = ArgumentParser(prog="ecgfm shard", description="Convert a folder of ECG records into HDF5 shards.")
+    parser = ArgumentParser(
+        prog="ecgfm shard", exit_on_error=False, description="Convert a folder of ECG records into HDF5 shards."
+    )
     parser.add_argument(
         "-c", "--config", action=ActionConfigFile, help="YAML file (or shipped recipe name) with any of the options"
     )
@@ -21,6 +23,7 @@ def shard_parser() -> ArgumentParser:
 def verify_parser() -> ArgumentParser:
     parser = ArgumentParser(
         prog="ecgfm shard verify",
+        exit_on_error=False,
         description="Check every shard of a folder against its manifest: counts, datasets, attributes and the "
         "checksum of every dataset (which reads every byte; --quick skips it).",
     )

@@ -165,11 +165,11 @@ class SubsetDataModule(L.LightningDataModule):
 def _load_model(checkpoint: str | Path | L.LightningModule) -> L.LightningModule:
     if isinstance(checkpoint, L.LightningModule):
         return checkpoint
+    from ecgfm.checkpointing import check_lightning_checkpoint
     from ecgfm.tasks import FineTuneTask
 
     path = Path(checkpoint)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    check_lightning_checkpoint(path)  # one line naming the file for a missing, corrupt or unsafe one
     return FineTuneTask.load_from_checkpoint(path, map_location="cpu")
 
 

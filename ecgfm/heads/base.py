@@ -118,7 +118,7 @@ class Head(CapturesArguments, nn.Module, ABC):
         ``reference`` is the teacher head's :meth:`distillation_reference` (its output layout's constants). Each
         kind defines it: sigmoid heads a Bernoulli KL, softmax heads a categorical KL, regressions an MSE.
         """
-        raise NotImplementedError(f"head {self.name!r} ({self.kind}) has no distillation loss")
+        raise ValueError(f"head {self.name!r} ({self.kind}) has no distillation loss: leave it out of distillation")
 
     def distillation_reference(self) -> dict[str, Any]:
         """Constants a student needs to read this head's raw outputs as a teacher's (regression: mean and std)."""
