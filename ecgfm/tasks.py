@@ -329,12 +329,7 @@ class FineTuneTask(L.LightningModule):
             if self._trainer is not None:  # the trainer's setup ran before the checkpoint was read
                 self._setup_heads(getattr(self.trainer, "datamodule", None), self.trainer.state.fn)
             return
-        differences = _head_differences({name: h.config() for name, h in self.heads.items()}, stored)
-        if differences:
-            raise ContractError(
-                f"the recipe's heads differ from the checkpoint's ({'; '.join(differences)}); leave model.heads out "
-                f"of the recipe to evaluate the checkpoint's own heads ({_describe_heads(stored)})"
-            )
+        check_recipe_heads(list(self.heads.values()), stored)
 
     def _rebuild_from(self, stored: dict[str, Any]) -> None:
         backbone = ModelConfig.from_dict(stored["backbone"])
@@ -529,6 +524,18 @@ class FineTuneTask(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["ecgfm"] = self.contract()
+
+
+def check_recipe_heads(recipe: list[Head | dict[str, Any]], stored: dict[str, dict[str, Any]]) -> None:
+    """Refuse a recipe whose heads are not the checkpoint's (``stored``: ``checkpoint["ecgfm"]["heads"]``), listing
+    both: evaluating a checkpoint with other heads would report numbers of a model nobody trained."""
+    heads = [create_head(h) for h in recipe]
+    differences = _head_differences({h.name: h.config() for h in heads}, stored)
+    if differences:
+        raise ContractError(
+            f"the recipe's heads differ from the checkpoint's ({'; '.join(differences)}); leave model.heads out "
+            f"of the recipe to evaluate the checkpoint's own heads ({_describe_heads(stored)})"
+        )
 
 
 def _describe_heads(configs: dict[str, dict[str, Any]]) -> str:

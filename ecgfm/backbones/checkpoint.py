@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import pickle
 import re
 import warnings
@@ -55,7 +56,12 @@ def load_error(path: str | Path, err: BaseException) -> CheckpointError:
         reason = "it is a folder, not a file"
     elif isinstance(err, PermissionError):
         reason = "permission denied"
-    elif isinstance(err, EOFError) or "central directory" in text:
+    elif (
+        isinstance(err, EOFError)
+        or "central directory" in text
+        or "PytorchStreamReader failed" in text
+        or (isinstance(err, OSError) and err.errno == errno.EINVAL)  # mmap of a zip cut short
+    ):
         reason = "it is truncated or corrupt (an interrupted copy or write?)"
     elif isinstance(err, KeyError) or "invalid load key" in text:
         reason = "it is not a torch checkpoint"

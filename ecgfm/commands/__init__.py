@@ -62,10 +62,12 @@ def main(argv: list[str] | None = None) -> int:
         os.environ[DEBUG_ENV] = "1"  # for the DDP processes Lightning starts by running the command again, too
     try:
         return _dispatch(args)
-    except SIGTERMException:
+    except SIGTERMException:  # a SystemExit: before the handler below
         # Lightning stops after the current batch on SIGTERM; ResumableCheckpoint saved last.ckpt on the way out
         print("ecgfm: stopped by SIGTERM; run the same command again to resume", file=sys.stderr)
         return 128 + signal.SIGTERM
+    except SystemExit as stop:  # --help, and option errors a parser still reports by exiting
+        return stop.code if isinstance(stop.code, int) else int(stop.code is not None)
     except Exception as err:
         message = user_error(err)
         if message is None or os.environ.get(DEBUG_ENV, "") not in ("", "0"):

@@ -13,7 +13,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 
-from ecgfm.backbones.checkpoint import CheckpointError, allowed_globals
+from ecgfm.backbones.checkpoint import CheckpointError, allowed_globals, safe_torch_load
 from ecgfm.checkpointing import AtomicCheckpointIO, check_lightning_checkpoint
 from ecgfm.commands.recipes import expand_config_names
 from ecgfm.data.datamodule import ShardDataModule
@@ -27,7 +27,7 @@ from ecgfm.resume import (
     plan_run,
     spell_out_default_logger,
 )
-from ecgfm.tasks import FineTuneTask
+from ecgfm.tasks import FineTuneTask, check_recipe_heads
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 CKPT_PATH_WORDS = ("best", "last", "hpc", "registry")  # Lightning's special values of ckpt_path, not files
@@ -56,6 +56,11 @@ class EcgfmCLI(LightningCLI):
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if isinstance(ckpt_path, str) and ckpt_path.partition(":")[0] not in CKPT_PATH_WORDS and "://" not in ckpt_path:
             check_lightning_checkpoint(ckpt_path, resuming=subcommand == "fit")
+            # Lightning replaces the recipe's model options with the checkpoint's next: its heads must be the same
+            recipe_heads = self.config[subcommand].model.get("heads")
+            stored = (safe_torch_load(ckpt_path, mmap=True).get("ecgfm") or {}).get("heads")
+            if recipe_heads and stored and all("kind" in config for config in stored.values()):
+                check_recipe_heads([_plain(head) for head in recipe_heads], stored)
         try:
             with torch.serialization.safe_globals(allowed_globals()):  # Lightning's own torch.load(weights_only=True)
                 super()._parse_ckpt_path()
@@ -142,3 +147,8 @@ def run_lightning(argv: list[str]) -> LightningCLI:
     finally:
         sys.argv = saved
         os.environ.pop(HANDOFF_ENV, None)
+
+
+def _plain(value: Any) -> Any:
+    """A jsonargparse Namespace (a head as parsed from the recipe) as plain dicts."""
+    return value.as_dict() if hasattr(value, "as_dict") else value

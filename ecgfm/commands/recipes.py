@@ -38,7 +38,11 @@ def _recipe_path(value: str) -> str:
     if not value or Path(value).exists() or any(c in value for c in ":{}\n"):
         return value
     found = find_recipe(value)
-    return str(found) if found is not None else value
+    if found is None:
+        raise FileNotFoundError(
+            f"--config {value}: no such file here and no shipped recipe of that name (`ecgfm recipes list` shows them)"
+        )
+    return str(found)
 
 
 def recipes_parser() -> ArgumentParser:
