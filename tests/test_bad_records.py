@@ -231,10 +231,11 @@ def _label_args(tmp_path: Path, table: str, name: str = "labels.csv", *extra: st
         ("-Infinity", "label column 'potassium': '-Infinity' is not a finite number; stored as missing"),
         ("1e400", "label column 'potassium': '1e400' is out of range (beyond float32's ±3.4e38); stored as missing"),
         ("1e39", "label column 'potassium': '1e39' is out of range (beyond float32's ±3.4e38); stored as missing"),
-        ("nan", "label column 'potassium': 'nan' is not a number; stored as missing"),
         ("", None),  # an empty cell is simply missing
+        ("NA", None),  # as is an export's explicit "no value"
+        ("nan", None),
     ],
-    ids=["high", "decimal-comma-cell", "inf", "minus-infinity", "1e400", "1e39", "nan-text", "empty"],
+    ids=["high", "decimal-comma-cell", "inf", "minus-infinity", "1e400", "1e39", "empty", "NA", "nan-text"],
 )
 def test_a_label_cell_that_is_not_a_finite_number_is_missing_and_reported(cell, warning, tmp_path, capsys) -> None:
     table = f"record,potassium\n1,{cell}\n2,4.1\n3,5\n4,3.9\n"

@@ -18,8 +18,8 @@ from ecgfm.data.sources import Record
 __all__ = ["LABEL_SEPARATORS", "MISSING_MARKERS", "TABLE_SEPARATORS", "LabelTable", "parse_number"]
 
 LABEL_SEPARATORS = (";", "\n", "|")
-#: Cells that exports write for "no value": stored as missing and reported like any text that is not a number, but
-#: not counted when deciding that a column does not hold numbers at all (a sparse lab column is mostly NA).
+#: Cells that exports write for "no value": stored as missing without a warning, like an empty cell (a sparse lab
+#: panel is mostly NA: one warning per cell would bury the real problems), and not counted as unparsable.
 MISSING_MARKERS = frozenset({"nan", "na", "n/a", "null", "none"})
 #: Field separators a table may use, as the command line spells them.
 TABLE_SEPARATORS = {",": "','", ";": "';'", "\t": "'\\t'", "|": "'|'"}
@@ -29,10 +29,10 @@ _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def parse_number(text: Any, decimal: str = ".") -> tuple[float, str | None]:
-    """``(value, problem)`` of a regression cell: NaN and no problem when empty; NaN and what is wrong when it is not
-    a finite number float32 can hold (``high``, ``5,2``, ``inf``, ``1e400``), so no such value is ever stored."""
+    """``(value, problem)`` of a regression cell: NaN and no problem when empty or NA; NaN and what is wrong when it
+    is not a finite number float32 can hold (``high``, ``5,2``, ``inf``, ``1e400``), so no such value is ever stored."""
     text = str(text).strip()
-    if not text:
+    if not text or text.casefold() in MISSING_MARKERS:
         return math.nan, None
     if decimal == "," and "." in text:
         return math.nan, f"{text!r} is not a number with decimal ','"
