@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+# Lightning adds its log handler, on the stderr of the moment, when it is first imported: import it here, at session
+# start, not inside a test whose captured stderr is closed afterwards ("--- Logging error ---" in later tests).
+import lightning.pytorch  # noqa: F401
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
