@@ -32,6 +32,11 @@ TRAINING_STATE = ("epoch", "loops", "optimizer_states")  # what resuming a run r
 def check_lightning_checkpoint(path: str | Path, resuming: bool = False) -> int:
     """The global step a Lightning checkpoint was saved at, once it has loaded safely (tensors memory-mapped) and
     holds a ``state_dict`` (and, for ``resuming``, the training state); else a CheckpointError naming the file."""
+    return int(read_lightning_checkpoint(path, resuming)["global_step"])
+
+
+def read_lightning_checkpoint(path: str | Path, resuming: bool = False) -> dict[str, Any]:
+    """The checkpoint itself (tensors memory-mapped), checked as :func:`check_lightning_checkpoint` checks it."""
     checkpoint = safe_torch_load(path, mmap=True)
     is_dict = isinstance(checkpoint, dict)
     absent = [key for key in ("state_dict", "pytorch-lightning_version") if key not in checkpoint] if is_dict else []
@@ -46,7 +51,7 @@ def check_lightning_checkpoint(path: str | Path, resuming: bool = False) -> int:
     missing = [key for key in TRAINING_STATE if key not in checkpoint] if resuming else []
     if missing:
         raise CheckpointError(f"{path} holds no training state to resume from (no {', '.join(missing)}): weights only?")
-    return step
+    return checkpoint
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

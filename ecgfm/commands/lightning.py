@@ -13,8 +13,8 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 
-from ecgfm.backbones.checkpoint import CheckpointError, allowed_globals, safe_torch_load
-from ecgfm.checkpointing import AtomicCheckpointIO, check_lightning_checkpoint
+from ecgfm.backbones.checkpoint import CheckpointError, allowed_globals
+from ecgfm.checkpointing import AtomicCheckpointIO, read_lightning_checkpoint
 from ecgfm.commands.recipes import expand_config_names
 from ecgfm.data.datamodule import ShardDataModule
 from ecgfm.resume import (
@@ -55,10 +55,10 @@ class EcgfmCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if isinstance(ckpt_path, str) and ckpt_path.partition(":")[0] not in CKPT_PATH_WORDS and "://" not in ckpt_path:
-            check_lightning_checkpoint(ckpt_path, resuming=subcommand == "fit")
+            checkpoint = read_lightning_checkpoint(ckpt_path, resuming=subcommand == "fit")
             # Lightning replaces the recipe's model options with the checkpoint's next: its heads must be the same
             recipe_heads = self.config[subcommand].model.get("heads")
-            stored = (safe_torch_load(ckpt_path, mmap=True).get("ecgfm") or {}).get("heads")
+            stored = (checkpoint.get("ecgfm") or {}).get("heads")
             if recipe_heads and stored and all("kind" in config for config in stored.values()):
                 check_recipe_heads([_plain(head) for head in recipe_heads], stored)
         try:

@@ -9,11 +9,12 @@ by reader options, a source given as a file, and files directly in the source fo
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+from ecgfm.io import sha256sum
 
 __all__ = ["describe_changes", "display_name", "file_stamp", "record_files", "shared_files", "stamp_files"]
 
@@ -21,17 +22,12 @@ Stamp = dict[str, Any]  # {"size": bytes, "mtime_ns": int, "sha256": hex}
 
 
 def file_stamp(path: Path) -> Stamp | None:
-    """Size, mtime and sha256 of a file, from one open (so size and hash agree), or None where there is none."""
-    digest, size = hashlib.sha256(), 0
+    """Size, mtime and sha256 of a file, or None where there is none."""
     try:
-        with open(path, "rb") as f:
-            mtime_ns = os.fstat(f.fileno()).st_mtime_ns
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-                size += len(block)
+        stat = os.stat(path)
+        return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": sha256sum(path)}
     except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
         return None
-    return {"size": size, "mtime_ns": mtime_ns, "sha256": digest.hexdigest()}
 
 
 def display_name(path: Path, source: Path) -> str:
