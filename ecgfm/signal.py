@@ -6,9 +6,7 @@ through ``config()`` so that the exact chain a model was trained with is stored 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from fractions import Fraction
 from typing import Any
 
 import numpy as np
@@ -19,8 +17,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ecgfm.captured import CapturesArguments
-from ecgfm.leads import STANDARD_FS, STANDARD_N_SAMPLES
+from ecgfm.leads import STANDARD_FS
 from ecgfm.registry import PREPROCESSING
+from ecgfm.resampling import resample, segment_starts  # noqa: F401  (part of this module's API)
 
 __all__ = [
     "ECGFounderPreprocessing",
@@ -41,36 +40,7 @@ MEDIAN_CHUNK_ELEMENTS = 64 * 1024 * 1024
 IMPULSE_RESPONSE_TOL = 1e-10
 
 
-# --- Resampling, windows, units ---
-
-
-def resample(x: np.ndarray, fs_in: float, fs_out: float = STANDARD_FS) -> np.ndarray:
-    """Resample ``x`` [..., T] from ``fs_in`` to ``fs_out`` Hz along the last axis with a polyphase filter.
-
-    The rate ratio is turned into an exact fraction (denominator <= 1000) so that 360 -> 500 Hz is 25/18.
-    """
-    bad = [f"{name}={fs!r}" for name, fs in (("fs_in", fs_in), ("fs_out", fs_out)) if not (0 < fs < math.inf)]
-    if bad:
-        raise ValueError(
-            f"resample: sampling rates must be positive finite numbers of Hz, got {' and '.join(bad)} "
-            f"for an array of shape {np.shape(x)}"
-        )
-    if fs_in == fs_out:
-        return np.asarray(x, dtype=np.float32)
-    ratio = Fraction(fs_out / fs_in).limit_denominator(1000)
-    y = scipy.signal.resample_poly(np.asarray(x, dtype=np.float64), ratio.numerator, ratio.denominator, axis=-1)
-    return y.astype(np.float32)
-
-
-def segment_starts(n_total: int, n_samples: int = STANDARD_N_SAMPLES, stride: int | None = None) -> list[int]:
-    """Start offsets of the full ``n_samples`` windows in a record of ``n_total`` samples.
-
-    A short last piece is dropped, so a record shorter than one window gives ``[]``.
-    """
-    stride = n_samples if stride is None else stride
-    if n_samples <= 0 or stride <= 0:
-        raise ValueError(f"n_samples and stride must be positive, got n_samples={n_samples}, stride={stride}")
-    return list(range(0, n_total - n_samples + 1, stride))
+# --- Units ---
 
 
 def to_millivolts(x_int16: Tensor, lsb_uv: float = 1.0) -> Tensor:

@@ -525,6 +525,13 @@ class FineTuneTask(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["ecgfm"] = self.contract()
 
+    def save_pretrained(self, folder: str | Path, card: dict[str, Any] | None = None) -> Path:
+        """Publish this model as a folder (``config.yaml`` + ``model.safetensors`` + ``labels.json`` + ``card.md``)
+        that ``ecgfm.load(folder)`` reads back with no pickle and no training code."""
+        from ecgfm.pretrained import ECGModel  # the published model holds heads and backbone, as this task does
+
+        return ECGModel.from_task(self, card).save_pretrained(folder)
+
 
 def check_recipe_heads(recipe: list[Head | dict[str, Any]], stored: dict[str, dict[str, Any]]) -> None:
     """Refuse a recipe whose heads are not the checkpoint's (``stored``: ``checkpoint["ecgfm"]["heads"]``), listing

@@ -20,6 +20,9 @@ COMMANDS = {
     "quickstart": "quickstart",
     "list": "list",
     "recipes": "recipes",
+    "zoo": "zoo",
+    "publish": "publish",
+    "export": "export",
 }
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
@@ -42,6 +45,10 @@ commands:
   quickstart                        convert the bundled LUDB recordings, fine-tune, and evaluate
   list [KIND]                       registered backbones, heads, adapters, preprocessing chains, sources
   recipes list | show | copy        the shipped recipes: list them, print one, copy one to edit
+  predict --model NAME_OR_DIR RECORD...   run a published or zoo model on raw records (WFDB, .mat, arrays)
+  zoo list | info | verify | download     the model zoo: cards, checksums, downloads (only when allowed)
+  publish CKPT DIR                  a checkpoint as a published model folder (config.yaml, safetensors, card)
+  export MODEL --format onnx|torchscript  a model with its preprocessing and post-processing inside
 
 --config takes a YAML file or the name of a shipped recipe (`ecgfm recipes list`).
 `ecgfm COMMAND --help` shows the options of a command. A mistake in the input ends in one line, `ecgfm: error: ...`;

@@ -24,7 +24,7 @@ from ecgfm.data.sources import Record, RecordError
 from ecgfm.io import atomic_write, atomic_write_csv, atomic_write_json, remove_partial_files
 from ecgfm.leads import STANDARD_FS, STANDARD_LEADS, STANDARD_N_SAMPLES
 from ecgfm.registry import SOURCES, MissingOptionError
-from ecgfm.signal import resample, segment_starts
+from ecgfm.resampling import resample, segment_starts
 
 
 @dataclass

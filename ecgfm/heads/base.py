@@ -98,6 +98,27 @@ class Head(CapturesArguments, nn.Module, ABC):
     def postprocess(self, output: Tensor) -> dict[str, Tensor]:
         """Each subclass names and scales its predictions."""
 
+    def decision_rules(self) -> list[dict[str, Any]]:
+        """How each decision output of :meth:`postprocess` follows from its continuous outputs (``ecgfm.decisions``):
+        a record's calls are made on its aggregated probabilities or values by the same rules, without torch."""
+        return []
+
+    def score_names(self) -> list[str]:
+        """The continuous outputs of :meth:`postprocess` (probabilities, values): what windows aggregate over."""
+        return [key for key in self.output_names() if key not in {rule["output"] for rule in self.decision_rules()}]
+
+    def output_names(self) -> list[str]:
+        """The names :meth:`postprocess` gives, in its order (found by running the built head on one zero row)."""
+        if not self.is_built:
+            raise ValueError(f"head {self.name!r} is not built: it has no label names yet")
+        device = next((p.device for p in self.parameters()), torch.device("cpu"))
+        was_training = self.training
+        try:
+            with torch.no_grad():
+                return list(self.eval().postprocess(self(torch.zeros(1, self.in_features, device=device))))
+        finally:
+            self.train(was_training)
+
     #: True when the head learns constants from the training split (standardisation, class weights): the task
     #: then calls ``fit_statistics`` once before a new run starts; the constants are buffers, saved with the weights.
     uses_statistics = False

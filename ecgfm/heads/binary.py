@@ -242,6 +242,11 @@ class BinaryHead(Head):
             )
         return {"operating_point": [operating], "curve": curve}
 
+    def decision_rules(self) -> list[dict[str, Any]]:
+        """``<label>`` = 1 when ``p_<label>`` reaches the calibrated threshold (as a probability)."""
+        probability = float(torch.sigmoid(self.threshold.double()))
+        return [{"output": self.label, "kind": "compare", "score": f"p_{self.label}", "op": ">=", "value": probability}]
+
     def postprocess(self, output: Tensor) -> dict[str, Tensor]:
         logits = output.float().reshape(-1)
         return {f"p_{self.label}": torch.sigmoid(logits), self.label: (logits >= self.threshold).long()}

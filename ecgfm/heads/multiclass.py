@@ -207,6 +207,10 @@ class MulticlassHead(Head):
         ]
         return {"confusion": confusion, "per_class": per_class}
 
+    def decision_rules(self) -> list[dict[str, Any]]:
+        """``class`` = the index (in ``labels``) of the most probable class."""
+        return [{"output": "class", "kind": "argmax", "scores": [f"p_{label}" for label in self.labels]}]
+
     def postprocess(self, output: Tensor) -> dict[str, Tensor]:
         probs = torch.softmax(output.float(), dim=-1)
         out = {f"p_{label}": probs[:, i] for i, label in enumerate(self.labels)}

@@ -242,6 +242,14 @@ class MultiLabelHead(Head):
             )
         return {"per_label": rows}
 
+    def decision_rules(self) -> list[dict[str, Any]]:
+        """``<label>`` = 1 when ``p_<label>`` reaches that label's calibrated threshold (as a probability)."""
+        probabilities = torch.sigmoid(self.decision_logit.double()).tolist()
+        return [
+            {"output": label, "kind": "compare", "score": f"p_{label}", "op": ">=", "value": p}
+            for label, p in zip(self.labels, probabilities, strict=True)
+        ]
+
     def postprocess(self, output: Tensor) -> dict[str, Tensor]:
         """``p_<label>`` (probability) and ``<label>`` (0/1 at the label's decision threshold)."""
         output = output.float()

@@ -237,6 +237,10 @@ class OrdinalHead(Head):
         return {"confusion": confusion_rows, "per_level": per_level}
 
     # ----------------------------------------------------------------- predictions
+    def decision_rules(self) -> list[dict[str, Any]]:
+        """``level`` = the median level: how many P(y > k), from the category probabilities, exceed 0.5."""
+        return [{"output": "level", "kind": "median_level", "scores": [f"p_{label}" for label in self.labels]}]
+
     def postprocess(self, output: Tensor) -> dict[str, Tensor]:
         probs = self.category_probs(output)
         levels = torch.arange(probs.shape[1], dtype=probs.dtype, device=probs.device)

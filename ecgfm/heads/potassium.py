@@ -11,7 +11,7 @@ from torch import Tensor
 from torchmetrics import MetricCollection
 
 from ecgfm.heads.base import fill_missing
-from ecgfm.heads.regression import RegressionHead
+from ecgfm.heads.regression import RegressionHead, unit_suffix
 from ecgfm.metrics import BinnedScores
 from ecgfm.registry import HEADS
 
@@ -134,6 +134,14 @@ class PotassiumHead(RegressionHead):
             for i, (class_name, (direction, threshold)) in enumerate(self.classes.items())
         ]
         return {**super().tables(metrics), "classes": rows}
+
+    def decision_rules(self) -> list[dict[str, Any]]:
+        """Each class (``hyperkalemia``: K+ > 5.5 mmol/L, ...) is called when the prediction crosses its threshold."""
+        score = f"{self.labels[0]}{unit_suffix(self.column_units()[0])}"
+        return [
+            {"output": name, "kind": "compare", "score": score, "op": direction, "value": threshold}
+            for name, (direction, threshold) in self.classes.items()
+        ]
 
     def postprocess(self, output: Tensor) -> dict[str, Tensor]:
         """``potassium_mmol_l`` (+ ``potassium_sd_mmol_l``) and a 0/1 column per class."""

@@ -1,0 +1,150 @@
+"""The model card (``card.md``) of a published model, generated from its ``config.yaml``: what it reads, what it
+gives, what it was trained and measured on, and what it is not for."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = ["CARD_FIELDS", "render_card"]
+
+#: What a card may say beyond the contract (``ecgfm publish`` options and ``save_pretrained(card=...)`` keys).
+CARD_FIELDS = (
+    "name",
+    "summary",
+    "training_data",
+    "metrics",
+    "intended_use",
+    "limitations",
+    "licence",
+    "paper",
+    "lead_subsets",
+    "source_checkpoint",
+)
+
+NOT_STATED = "_not stated by the publisher_"
+
+
+def _cell(value: Any) -> str:
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _preprocessing(chain: Mapping[str, Any]) -> str:
+    params = ", ".join(f"{key}={value!r}" for key, value in chain.items() if key != "name")
+    return f"`{chain.get('name', 'none')}`" + (f" ({params})" if params else "")
+
+
+def _thresholds(rules: list[Mapping[str, Any]]) -> dict[str, str]:
+    out = {}
+    for rule in rules:
+        if rule["kind"] == "compare":
+            out[rule["output"]] = f"{rule['score']} {rule['op']} {rule['value']:.6g}"
+        elif rule["kind"] == "argmax":
+            out[rule["output"]] = f"index of the largest of {', '.join(rule['scores'])}"
+        else:
+            out[rule["output"]] = f"median level from {', '.join(rule['scores'])}"
+    return out
+
+
+def render_card(config: Mapping[str, Any], labels: Mapping[str, Any]) -> str:
+    """Markdown for ``card.md`` from a published model's config (``ECGModel.published_config()``) and labels."""
+    card = config.get("card") or {}
+    contract = config["contract"]
+    inputs = contract["input"]
+    backbone = contract["backbone"]
+    seconds = inputs["n_samples"] / inputs["fs"]
+    lines = [f"# {config.get('name') or backbone['name']}", ""]
+    if card.get("summary"):
+        lines += [str(card["summary"]), ""]
+    lines += [
+        "## Input contract",
+        "",
+        "| | |",
+        "| --- | --- |",
+        f"| sampling rate | {inputs['fs']:g} Hz |",
+        f"| window | {inputs['n_samples']} samples ({seconds:g} s); longer records are cut into windows |",
+        f"| leads | {', '.join(inputs['lead_names'])} |",
+        f"| units | {inputs['units']} |",
+        f"| preprocessing (inside the model) | {_cell(_preprocessing(inputs['preprocessing']))} |",
+        f"| lead adapter | {_cell(_preprocessing(contract['adapter']))} |",
+        f"| backbone | `{backbone['name']}` ({backbone['num_features']} features) |",
+    ]
+    subsets = card.get("lead_subsets") or []
+    lines.append(
+        f"| fewer leads | {'; '.join(', '.join(s) for s in subsets)} (missing leads zero-filled and masked) |"
+        if subsets
+        else "| fewer leads | not served: a record must hold every lead above |"
+    )
+    lines += [
+        "",
+        "## Outputs",
+        "",
+        "| output | head | type | unit | decision rule |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    rules = _thresholds(config.get("decisions") or [])
+    for name, entry in (config.get("outputs") or {}).items():
+        lines.append(
+            f"| `{_cell(name)}` | {entry['head']} | {entry['type']} | {entry.get('unit', '')} | "
+            f"{_cell(rules.get(name, ''))} |"
+        )
+    lines += [
+        "",
+        "A record's windows are aggregated into one prediction per record (mean of probabilities and values by "
+        "default); its decisions are made on the aggregated values by the rules above.",
+        "",
+        "## Heads and labels",
+        "",
+    ]
+    for name, head in labels.items():
+        lines.append(f"- **{name}** ({head['kind']}, target `{head['target']}`): {', '.join(head['labels'])}")
+    lines += ["", "## Training data", "", str(card.get("training_data") or NOT_STATED), "", "## Metrics", ""]
+    metrics = card.get("metrics") or []
+    if metrics:
+        lines += ["| data | split | metric | value |", "| --- | --- | --- | --- |"]
+        for row in metrics:
+            value = row.get("value")
+            shown = f"{value:.4g}" if isinstance(value, (int, float)) else str(value)
+            lines.append(
+                f"| {_cell(row.get('data', ''))} | {_cell(row.get('split', ''))} | {_cell(row.get('metric', ''))} "
+                f"| {shown} |"
+            )
+    else:
+        lines.append(NOT_STATED)
+    lines += [
+        "",
+        "## Intended use",
+        "",
+        str(card.get("intended_use") or NOT_STATED),
+        "",
+        "## Limitations",
+        "",
+        str(card.get("limitations") or NOT_STATED),
+        "",
+        "## Provenance",
+        "",
+        f"- licence: {card.get('licence') or NOT_STATED}",
+        f"- paper: {card.get('paper') or NOT_STATED}",
+        f"- written by ecgfm {config.get('ecgfm_version', 'unknown')}",
+    ]
+    weights = config.get("weights")
+    if weights:
+        lines.append(f"- `{weights['file']}`: {weights['bytes']} bytes, sha256 `{weights['sha256']}`")
+    if card.get("source_checkpoint"):
+        lines.append(f"- published from: {card['source_checkpoint']}")
+    lines += [
+        "",
+        "## Use",
+        "",
+        "```bash",
+        f"ecgfm predict --model {config.get('name') or 'THIS_FOLDER'} record.hea --output predictions.csv",
+        "```",
+        "",
+        "```python",
+        "import ecgfm",
+        "",
+        f"model = ecgfm.load({str(config.get('name') or 'THIS_FOLDER')!r})",
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
