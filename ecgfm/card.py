@@ -100,17 +100,17 @@ def render_card(config: Mapping[str, Any], labels: Mapping[str, Any]) -> str:
         lines.append(f"- **{name}** ({head['kind']}, target `{head['target']}`): {', '.join(head['labels'])}")
     lines += ["", "## Training data", "", str(card.get("training_data") or NOT_STATED), "", "## Metrics", ""]
     metrics = card.get("metrics") or []
-    if metrics:
-        lines += ["| data | split | metric | value |", "| --- | --- | --- | --- |"]
-        for row in metrics:
+    if not metrics:
+        lines.append(NOT_STATED)
+    for data in dict.fromkeys(str(row.get("data", "")) for row in metrics):
+        if data:
+            lines += [f"Measured on: {data}", ""]
+        lines += ["| split | metric | value |", "| --- | --- | --- |"]
+        for row in (r for r in metrics if str(r.get("data", "")) == data):
             value = row.get("value")
             shown = f"{value:.4g}" if isinstance(value, (int, float)) else str(value)
-            lines.append(
-                f"| {_cell(row.get('data', ''))} | {_cell(row.get('split', ''))} | {_cell(row.get('metric', ''))} "
-                f"| {shown} |"
-            )
-    else:
-        lines.append(NOT_STATED)
+            lines.append(f"| {_cell(row.get('split', ''))} | {_cell(row.get('metric', ''))} | {shown} |")
+        lines.append("")
     lines += [
         "",
         "## Intended use",

@@ -336,12 +336,15 @@ def _ecgfm_version() -> str:
 
 
 def load(name_or_path: str | Path, allow_download: bool = False, map_location: str | torch.device = "cpu") -> ECGModel:
-    """A model by zoo name (``ecgfm zoo list``), published folder or FineTuneTask ``.ckpt``, ready to predict.
+    """A model by zoo name (``ecgfm zoo list``), published folder, ``hf://owner/repo[@revision]`` or FineTuneTask
+    ``.ckpt``, ready to predict.
 
     Zoo files are found locally first (``$ECGFM_HOME``, the user cache, the repository's ``checkpoints/``) and
     checked against their sha256; the Hugging Face hub is asked only with ``allow_download=True``. A zoo entry of
     backbone weights (ECGFounder's ``.pth``) gives a model with no heads: :meth:`ECGModel.features` serves it.
     """
+    if str(name_or_path).startswith(HUB_PREFIX):
+        return ECGModel.from_pretrained(hub_folder(str(name_or_path), allow_download), map_location)
     path = Path(name_or_path)
     if path.is_dir():
         return ECGModel.from_pretrained(path, map_location)
@@ -368,3 +371,31 @@ def load(name_or_path: str | Path, allow_download: bool = False, map_location: s
     )
     model.backbone.load_pretrained(local)
     return model.to(map_location).eval()
+
+
+HUB_PREFIX = "hf://"
+
+
+def hub_folder(address: str, allow_download: bool = False) -> Path:
+    """The local snapshot of a published model on the Hugging Face hub (``hf://owner/repo[@revision]``): from the hub
+    cache, or downloaded through ``huggingface_hub`` only when ``allow_download`` is true."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    repo_id, _, revision = address.removeprefix(HUB_PREFIX).partition("@")
+    try:
+        return Path(
+            snapshot_download(
+                repo_id,
+                revision=revision or None,
+                allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, LABELS_NAME, CARD_NAME],
+                local_files_only=not allow_download,
+            )
+        )
+    except LocalEntryNotFoundError:
+        if allow_download:
+            raise
+        raise FileNotFoundError(
+            f"{address} is not in the Hugging Face hub cache of this machine; downloads are off: pass "
+            "allow_download=True (or --allow-download) to fetch it"
+        ) from None
