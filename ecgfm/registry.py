@@ -2,12 +2,13 @@
 
 Backbones, heads, lead adapters, preprocessing chains and source readers each have one :class:`Registry` below, so
 adding one is one file with one decorator (``@BACKBONES.register("my-net")``), every kind is created the same way
-and every unknown name or option fails with the same wording, listing what is known. Importing ``ecgfm`` registers
-every built-in entry.
+and every unknown name or option fails with the same wording, listing what is known. Each registry imports the
+modules of its built-in entries on first use, so ``SOURCES.create("wfdb")`` loads the readers and never torch.
 """
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Generic, TypeVar
@@ -48,16 +49,36 @@ class Registry(Generic[T]):
         key: the dict key that names the entry in a spec; heads use ``kind`` because ``name`` is the head's own name.
         supplied: leading constructor arguments the framework passes, which are not options (an adapter's leads and
             backbone).
+        builtins: modules whose import registers the built-in entries, imported on first use: names, not imports,
+            so that the registry stays below every module that registers in it (no import cycle).
     """
 
-    def __init__(self, kind: str, key: str = "name", supplied: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, kind: str, key: str = "name", supplied: tuple[str, ...] = (), builtins: tuple[str, ...] = ()
+    ) -> None:
         self.kind = kind
         self.key = key
         self.supplied = supplied
+        self.builtins = builtins
         self._entries: dict[str, T] = {}
+        self._loaded = not builtins
+
+    def _load_builtins(self) -> None:
+        """Import the built-in modules once; they register through this registry while they import."""
+        if self._loaded:
+            return
+        self._loaded = True  # first: a module being imported that registers here must not start the import again
+        try:
+            for module in self.builtins:
+                importlib.import_module(module)
+        except BaseException:
+            self._loaded = False  # the next use tries again and fails the same way, not with a half-filled registry
+            raise
 
     def register(self, name: str) -> Callable[[T], T]:
         """Decorator registering a class or factory under ``name``; a class also gets ``cls.<key> = name``."""
+
+        self._load_builtins()  # a name taken by a built-in is refused here, naming the built-in
 
         def add(entry: T) -> T:
             known = self._entries.get(name)
@@ -72,19 +93,23 @@ class Registry(Generic[T]):
 
     def names(self) -> list[str]:
         """The registered names, sorted."""
+        self._load_builtins()
         return sorted(self._entries)
 
     def __contains__(self, name: object) -> bool:
+        self._load_builtins()
         return name in self._entries
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
 
     def __len__(self) -> int:
+        self._load_builtins()
         return len(self._entries)
 
     def get(self, name: str) -> T:
         """The class or factory registered under ``name``."""
+        self._load_builtins()
         if name not in self._entries:
             raise UnknownNameError(f"unknown {self.kind} {self.key} {name!r}; known: {', '.join(self.names())}")
         return self._entries[name]
@@ -179,15 +204,15 @@ def _qualname(entry: Any) -> str:
 
 
 #: Backbones: factories ``fn(**architecture, input=None) -> nn.Module`` with a ``model_config``.
-BACKBONES: Registry = Registry("backbone")
+BACKBONES: Registry = Registry("backbone", builtins=("ecgfm.backbones",))
 #: Task heads: ``Head`` subclasses; a spec names its class with ``kind`` (``{kind: multilabel, name: dx, ...}``).
-HEADS: Registry = Registry("head", key="kind")
+HEADS: Registry = Registry("head", key="kind", builtins=("ecgfm.heads",))
 #: Lead adapters: ``LeadAdapter`` subclasses built as ``cls(input_leads, backbone, **options)``.
-ADAPTERS: Registry = Registry("adapter", supplied=("input_leads", "backbone"))
+ADAPTERS: Registry = Registry("adapter", supplied=("input_leads", "backbone"), builtins=("ecgfm.adapters",))
 #: On-device preprocessing chains: ``nn.Module`` classes with ``forward(x, lead_mask)`` and ``config()``.
-PREPROCESSING: Registry = Registry("preprocessing")
-#: Source readers: ``SourceReader`` subclasses that find and read records of one on-disk format.
-SOURCES: Registry = Registry("source")
+PREPROCESSING: Registry = Registry("preprocessing", builtins=("ecgfm.signal",))
+#: Source readers: ``SourceReader`` subclasses that find and read records of one on-disk format (no torch).
+SOURCES: Registry = Registry("source", builtins=("ecgfm.data.sources",))
 
 #: Every registry by the plural ``ecgfm list`` takes.
 REGISTRIES: dict[str, Registry] = {

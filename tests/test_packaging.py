@@ -117,6 +117,12 @@ def test_the_wheel_installed_alone_runs_the_quickstart_recipe(tmp_path):
     _run([ecgfm, "recipes", "copy", "quickstart/net1d-small", "my-recipe.yaml"], work, env)
     assert (work / "my-recipe.yaml").read_text() == (REPO / "recipes" / "quickstart" / "net1d-small.yaml").read_text()
 
+    # the shipped zoo model loads by name from the installed package, offline, its files checked
+    loaded = "import ecgfm; m = ecgfm.load('ludb-diagnoses-net1d-small'); print(len(m.output_names()), m.leads[-1])"
+    assert _run([python, "-c", loaded], work, env).split() == ["16", "V6"]
+    verified = _run([ecgfm, "zoo", "verify", "ludb-diagnoses-net1d-small"], work, env)
+    assert verified.count("ok ") == 4 and str(installed / "_checkpoints") in verified
+
     converted = _run([ecgfm, "quickstart", "--convert_only", "true"], work, env)
     shards = work / "ecgfm-quickstart" / "shards"
     assert "shards: ecgfm-quickstart/shards" in converted and (shards / "manifest.json").is_file()

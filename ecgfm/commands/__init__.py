@@ -58,9 +58,8 @@ commands:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; a user's mistake ends in one line naming the file, record, column or key (``--debug`` or
-    ECGFM_DEBUG=1 shows the traceback); a bug in ecgfm keeps its traceback."""
-    from lightning.pytorch.utilities.exceptions import SIGTERMException
-
+    ECGFM_DEBUG=1 shows the traceback); a bug in ecgfm keeps its traceback. Imports no torch or Lightning itself:
+    ``ecgfm predict --runtime onnx`` runs without them."""
     # [*...], not list(...): importing ecgfm.commands.list binds the name `list` in this module to it
     args = [*(sys.argv[1:] if argv is None else argv)]
     debug_before = os.environ.get(DEBUG_ENV)
@@ -69,11 +68,11 @@ def main(argv: list[str] | None = None) -> int:
         os.environ[DEBUG_ENV] = "1"  # for the DDP processes Lightning starts by running the command again, too
     try:
         return _dispatch(args)
-    except SIGTERMException:  # a SystemExit: before the handler below
-        # Lightning stops after the current batch on SIGTERM; ResumableCheckpoint saved last.ckpt on the way out
-        print("ecgfm: stopped by SIGTERM; run the same command again to resume", file=sys.stderr)
-        return 128 + signal.SIGTERM
-    except SystemExit as stop:  # --help, and option errors a parser still reports by exiting
+    except SystemExit as stop:  # --help, option errors a parser still reports by exiting, and Lightning's SIGTERM
+        if isinstance(stop, _loaded_classes(("lightning.pytorch.utilities.exceptions", "SIGTERMException"))):
+            # Lightning stops after the current batch on SIGTERM; ResumableCheckpoint saved last.ckpt on the way out
+            print("ecgfm: stopped by SIGTERM; run the same command again to resume", file=sys.stderr)
+            return 128 + signal.SIGTERM
         return stop.code if isinstance(stop.code, int) else int(stop.code is not None)
     except Exception as err:
         message = user_error(err)
@@ -101,12 +100,6 @@ def user_error(err: BaseException) -> str | None:
     MisconfigurationException and OSErrors about a path or the machine. A KeyError holding only a key
     (``KeyError('potassium')``) says nothing a user can act on: it is a bug, and keeps its traceback.
     """
-    from lightning.fabric.utilities.exceptions import MisconfigurationException
-
-    from ecgfm.backbones.checkpoint import CheckpointError
-    from ecgfm.data.shards import ShardError
-    from ecgfm.data.sources import RecordError
-
     if isinstance(err, KeyError):
         text = str(err.args[0]) if len(err.args) == 1 else ""
         return _one_line(text) if " " in text.strip() else None
@@ -115,8 +108,24 @@ def user_error(err: BaseException) -> str | None:
             err, (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
         )
         return _one_line(str(err)) if named or err.errno in ENVIRONMENT_ERRNOS else None
-    user = (CheckpointError, ShardError, RecordError, ValueError, argparse.ArgumentError, MisconfigurationException)
+    user = (ValueError, argparse.ArgumentError, *_loaded_classes(*USER_ERRORS))
     return _one_line(str(err)) if isinstance(err, user) and str(err).strip() else None
+
+
+#: ``(module, class)`` of the exceptions beyond ValueError that mean a mistake in the input. Looked up only in modules
+#: already imported (an exception of a class never imported was never raised), so that reporting an error never
+#: imports torch or Lightning.
+USER_ERRORS = (
+    ("ecgfm.backbones.checkpoint", "CheckpointError"),
+    ("ecgfm.data.shards", "ShardError"),
+    ("ecgfm.data.sources.base", "RecordError"),
+    ("lightning.fabric.utilities.exceptions", "MisconfigurationException"),
+)
+
+
+def _loaded_classes(*names: tuple[str, str]) -> tuple[type, ...]:
+    """The classes named ``(module, class)`` whose modules are already imported."""
+    return tuple(getattr(sys.modules[module], name) for module, name in names if module in sys.modules)
 
 
 def _one_line(text: str) -> str:
@@ -128,6 +137,10 @@ def _dispatch(argv: list[str]) -> int:
         print(USAGE)
         return 0
     command, rest = argv[0], argv[1:]
+    if command == "predict" and _predicts_records(rest):
+        from ecgfm.commands.predict import run
+
+        return run(rest)
     if command in LIGHTNING_COMMANDS:
         from ecgfm.commands.lightning import run_lightning
 
@@ -137,3 +150,15 @@ def _dispatch(argv: list[str]) -> int:
         return importlib.import_module(f"{__name__}.{COMMANDS[command]}").run(rest)
     print(f"ecgfm: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
+
+
+#: Options that make ``ecgfm predict`` Lightning's over shards (a recipe, a checkpoint, a recipe section).
+RECIPE_OPTIONS = ("-c", "--config", "--ckpt_path", "--print_config", "--trainer", "--data", "--return_predictions")
+RECIPE_SECTIONS = ("--trainer.", "--data.", "--model.", "--seed_everything", "--optimizer", "--lr_scheduler")
+
+
+def _predicts_records(args: list[str]) -> bool:
+    """``ecgfm predict`` on raw records (``--model NAME_OR_DIR RECORD...``, ``--help``) rather than Lightning's
+    ``predict -c RECIPE --ckpt_path CKPT`` over shards, which any recipe option selects."""
+    options = [arg.split("=", 1)[0] for arg in args if arg.startswith("-")]
+    return not any(option in RECIPE_OPTIONS or option.startswith(RECIPE_SECTIONS) for option in options)

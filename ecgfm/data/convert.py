@@ -23,6 +23,7 @@ from ecgfm.data.shards import Manifest, ShardWriter, TargetSpec, check_shard, to
 from ecgfm.data.sources import Record, RecordError
 from ecgfm.io import atomic_write, atomic_write_csv, atomic_write_json, remove_partial_files
 from ecgfm.leads import STANDARD_FS, STANDARD_LEADS, STANDARD_N_SAMPLES
+from ecgfm.record_windows import MIN_FS, select_leads
 from ecgfm.registry import SOURCES, MissingOptionError
 from ecgfm.resampling import resample, segment_starts
 
@@ -101,11 +102,6 @@ def cut_pieces(n_total: int, stride: int | None = None, last_piece: str = "drop"
     return pieces
 
 
-#: The lowest sampling rate accepted for a record, in Hz: below it no QRS complex survives, and a header rate of 5
-#: (a typo for 500) would be upsampled 100-fold into a hundred segments of nothing.
-MIN_FS = 25.0
-
-
 def prepare_record(reader: Any, path: Path, stride: int | None, last_piece: str) -> _Converted:
     """Read one record and bring it to 12 canonical leads, 500 Hz, int16 µV, cut into pieces; anything wrong with
     it (including a rate no reader refused) becomes the record's skip reason, so it never stops a conversion."""
@@ -127,26 +123,13 @@ def prepare_record(reader: Any, path: Path, stride: int | None, last_piece: str)
         return _Converted(path, error=f"{path}: no standard lead among {list(record.lead_names)}")
     if other:
         warnings.append(f"non-standard signals ignored: {' '.join(other)}")
-    signal = np.zeros((len(STANDARD_LEADS), record.signal.shape[1]), np.float32)
-    lead_mask = np.zeros(len(STANDARD_LEADS), bool)
-    masked: list[str] = []
-    for i in present:
-        slot = STANDARD_LEADS.index(record.lead_names[i])
-        lead = record.signal[i]
-        valid = np.isfinite(lead)
-        finite = lead[valid]
-        if finite.size == 0 or finite.min() == finite.max():
-            masked.append(record.lead_names[i])  # all-NaN or flat (e.g. a disconnected electrode): missing
-            continue
-        if finite.size < lead.size:
-            n_bad = lead.size - finite.size
-            warnings.append(f"lead {record.lead_names[i]}: {n_bad} NaN or infinite samples set to 0")
-        signal[slot] = np.where(valid, lead, 0.0)
-        lead_mask[slot] = True
+    selection = select_leads(record, STANDARD_LEADS)  # flat or all-NaN leads missing, scattered NaN set to 0
+    signal, lead_mask = selection.signal, selection.lead_mask
+    warnings.extend(selection.warnings)
     if not lead_mask.any():
         return _Converted(path, error=f"{path}: every lead is NaN or flat")
-    if masked:
-        warnings.append(f"leads {' '.join(masked)} are flat or NaN: stored as missing (lead_mask 0)")
+    if selection.flat:
+        warnings.append(f"leads {' '.join(selection.flat)} are flat or NaN: stored as missing (lead_mask 0)")
     if record.fs != STANDARD_FS:
         signal = resample(signal, record.fs, STANDARD_FS)
     limit_mv = np.iinfo(np.int16).max / 1000.0  # what int16 µV holds
