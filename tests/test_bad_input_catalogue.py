@@ -382,6 +382,55 @@ def _no_heads(ctx: Ctx) -> list[str]:
     ]
 
 
+# ---------------------------------------------------------------------------------------------------- published models
+def published(ctx: Ctx) -> Path:
+    """The module's checkpoint (net1d-tiny, potassium) published as a folder."""
+    from ecgfm.pretrained import ECGModel
+
+    return ECGModel.from_checkpoint(ctx.checkpoint).save_pretrained(ctx.tmp / "model")
+
+
+def predict(ctx: Ctx, *inputs: str | Path, model: Path | str | None = None) -> list[str]:
+    return ["predict", "--model", str(model or published(ctx)), *map(str, inputs)]
+
+
+def _short_record(ctx: Ctx) -> list[str]:
+    """Record 1 cut to 2,000 samples (4 s) in its header and its signal file."""
+    src = records(ctx, (1,))
+    (src / "1.dat").write_bytes((src / "1.dat").read_bytes()[: 2000 * 12 * 2])
+    set_header(src / "1.hea", 0, 3, "2000")
+    return predict(ctx, src / "1")
+
+
+def _no_chest_leads(ctx: Ctx) -> list[str]:
+    """Record 1 with its chest leads relabelled as other channels."""
+    src = records(ctx, (1,))
+    for line in range(7, 13):
+        set_header(src / "1.hea", line, 8, f"x{line}")
+    return predict(ctx, src / "1.hea")
+
+
+def _tampered_weights(ctx: Ctx) -> list[str]:
+    model = published(ctx)
+    data = bytearray((model / "model.safetensors").read_bytes())
+    data[-3] ^= 0x01
+    (model / "model.safetensors").write_bytes(bytes(data))
+    return predict(ctx, records(ctx, (1,)) / "1", model=model)
+
+
+def _newer_config(ctx: Ctx) -> list[str]:
+    model = published(ctx)
+    config = yaml.safe_load((model / "config.yaml").read_text())
+    (model / "config.yaml").write_text(yaml.safe_dump({**config, "format_version": 99}))
+    return predict(ctx, records(ctx, (1,)) / "1", model=model)
+
+
+def predicted_one_record(ctx: Ctx, out: str, err: str) -> None:
+    (row,) = list(csv.DictReader((ctx.tmp / "predictions.csv").open()))
+    assert row["record_id"] == "1" and row["n_windows"] == "1"
+    assert 0 < float(row["potassium_mmol_l"]) < 20 and row["hyperkalemia"] in ("0", "0.0", "1", "1.0")
+
+
 ROWS: list[Row] = [
     # --- conversion: the record files
     Row("sampling-rate-negative", _fs("-500"), check=converts(3, {"2": r"2\.hea.*'-500'.*not a positive"})),
@@ -510,6 +559,36 @@ ROWS: list[Row] = [
     ),
     Row("pretrained-garbage-safetensors", _garbage_safetensors, error=r"weights\.safetensors.*not a readable"),
     Row("truncated-last-ckpt-on-resume", _bad_last_ckpt, check=resumed_past_bad_last),
+    # --- published models: predict, publish, load
+    Row(
+        "predict-a-raw-record",
+        lambda c: [*predict(c, records(c, (1,)) / "1.hea"), "--output", str(c.tmp / "predictions.csv")],
+        check=predicted_one_record,
+    ),
+    Row("predict-record-shorter-than-the-window", _short_record, error=r"1: 4\.00 s long, shorter than the 10-s"),
+    Row("predict-record-without-chest-leads", _no_chest_leads, error=r"no record could be predicted.*V1"),
+    Row("predict-tampered-weights", _tampered_weights, error=r"model\.safetensors has the wrong sha256"),
+    Row("predict-config-of-a-newer-ecgfm", _newer_config, error=r"config\.yaml has format_version 99"),
+    Row(
+        "predict-unknown-zoo-name",
+        lambda c: predict(c, records(c, (1,)) / "1", model="no-such-model"),
+        error=r"no zoo model 'no-such-model'; known: .*ludb-diagnoses-net1d-small",
+    ),
+    Row(
+        "predict-record-missing",
+        lambda c: predict(c, c.tmp / "nope.hea"),
+        error=r"nope.*no such file or folder",
+    ),
+    Row(
+        "publish-a-recipe-instead-of-a-checkpoint",
+        lambda c: ["publish", str(c.recipe), str(c.tmp / "out")],
+        error=r"recipe\.yaml",
+    ),
+    Row(
+        "publish-unknown-lead-subset",
+        lambda c: ["publish", str(c.checkpoint), str(c.tmp / "out"), "--lead-subsets", "I,X7"],
+        error=r"unknown lead name 'X7'",
+    ),
     Row(
         "fast-dev-run-writes-nothing",
         lambda c: fit(c, "--trainer.fast_dev_run=true"),

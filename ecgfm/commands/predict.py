@@ -560,6 +560,11 @@ def run(argv: list[str]) -> int:
         raise ValueError(f"the model's config asks for aggregation {method!r}; choose one with --aggregate")
     predictions, failed = predict_records(served, inputs, readers, method, args.batch_size, sys.stderr.isatty())
     skipped = [*skipped, *failed]
+    if not predictions:  # nothing to show: one error line (the list above it when there are several)
+        if len(skipped) == 1:
+            raise ValueError(f"no record could be predicted with {served.name}: {_reason(*skipped[0])}")
+        report(predictions, skipped, None)
+        raise ValueError(f"no record could be predicted with {served.name}: all {len(skipped)} failed (listed above)")
     if output is None:
         print_table(served, predictions, method)
     else:
