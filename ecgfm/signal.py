@@ -36,6 +36,13 @@ __all__ = [
 #: Largest number of elements the median filter unfolds at once (rows are processed in chunks below it).
 MEDIAN_CHUNK_ELEMENTS = 64 * 1024 * 1024
 
+#: The median filter in a recorded graph (TorchScript, ONNX; see ``_median_filter_graph``): outputs per block that
+#: share one selection, and outputs per step, so a step holds ~rows x 1024 x 80 float32 values (batch 64 x 12 leads:
+#: ~250 MB) whatever the batch size, which is not known when the graph is recorded. Smaller steps run no faster and
+#: make a longer graph (256: 3x the nodes and export time).
+MEDIAN_GRAPH_BLOCK = 16
+MEDIAN_GRAPH_CHUNK = 1024
+
 #: IIR impulse responses (and start-up transients) are cut once below this fraction of their peak.
 IMPULSE_RESPONSE_TOL = 1e-10
 
@@ -119,8 +126,55 @@ def _zscore(x: Tensor, lead_mask: Tensor | None, eps: float, per_lead: bool) -> 
     return (x - mean) / (std + eps) * present
 
 
+def _recording_graph() -> bool:
+    """True while ``torch.jit.trace`` or ``torch.export`` (torch.onnx's exporter) records the forward pass: numpy
+    calls would be baked in as constants or fail there, and nothing made then may be cached for eager runs."""
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    return torch.jit.is_tracing() or bool(is_exporting is not None and is_exporting())
+
+
+def _median_filter_graph(x: Tensor, kernel: int) -> Tensor:
+    """The median filter as ops ONNX has (Gather, TopK, compare, CumSum, ReduceMin), equal to scipy's medfilt.
+
+    A TopK per window costs ~150 ms per 12 x 5000 record in ONNX Runtime; this selects once per block of
+    ``MEDIAN_GRAPH_BLOCK`` outputs instead (~30 ms). The windows of a block lie in one span ``U`` of
+    kernel + B - 1 samples, each missing B - 1 of them, so each median is one of the values ranked h+1 .. h+B in
+    ``U`` (the candidates): the smallest candidate that at least h+1 of its window's samples do not exceed, counted
+    as (count in ``U``) - (count in the left and right parts of ``U`` outside that window), ties included. Taken
+    in float32: rounding keeps the order, so the result is exactly float32(the float64 median). Steps of
+    ``MEDIAN_GRAPH_CHUNK`` outputs bound the memory a graph holds at once, whatever its batch size.
+    """
+    half, block = kernel // 2, MEDIAN_GRAPH_BLOCK
+    n_time = x.shape[-1]
+    n_blocks = -(-n_time // block)
+    padded = F.pad(x.float(), (half, half + n_blocks * block - n_time))
+    per_step = max(1, MEDIAN_GRAPH_CHUNK // block)
+    steps = []
+    for first in range(0, n_blocks, per_step):
+        last = min(n_blocks, first + per_step)
+        span = padded[..., first * block : last * block + kernel - 1].unfold(-1, kernel + block - 1, block)
+        # the values ranked h+1 .. h+B: the B largest of the h+B smallest (unsorted selections, no sort)
+        cand = span.topk(half + block, dim=-1, largest=False, sorted=False).values
+        cand = cand.topk(block, dim=-1, sorted=False).values  # [N, blocks, B]
+        top = cand.amax(dim=-1, keepdim=True)
+        # samples of the span <= each candidate: the h below all candidates, the candidates up to it, and for the
+        # largest candidate its ties ranked past h+B too
+        up_to = (cand.unsqueeze(-1) <= cand.unsqueeze(-2)).float().sum(-2) + half
+        up_to_top = (span <= top).float().sum(-1, keepdim=True)
+        in_span = torch.where(cand == top, up_to_top, up_to).unsqueeze(-2)  # [N, blocks, 1, B]
+        # minus those before window r (span[:r]) and after it (span[r + kernel:]), for r = 0 .. B-1
+        left = (span[..., : block - 1].unsqueeze(-1) <= cand.unsqueeze(-2)).float().cumsum(-2)
+        right = (span[..., kernel:].unsqueeze(-1) <= cand.unsqueeze(-2)).float().flip(-2).cumsum(-2).flip(-2)
+        count = in_span - F.pad(left, (0, 0, 1, 0)) - F.pad(right, (0, 0, 0, 1))  # [N, blocks, r, B]
+        median = torch.where(count >= half + 1, cand.unsqueeze(-2), torch.inf).amin(dim=-1)
+        steps.append(median.flatten(-2))
+    return torch.cat(steps, dim=-1)[..., :n_time].to(x.dtype)
+
+
 def _median_filter(x: Tensor, kernel: int) -> Tensor:
     """Running median of each row of ``x`` [N, T] with zero-padded edges, as scipy.signal.medfilt."""
+    if _recording_graph():
+        return _median_filter_graph(x, kernel)
     if x.device.type == "cpu" and not x.requires_grad:
         # scipy's 1-D medfilt, row by row, gives the same zero-padded medians ~20x faster than unfold+median
         rows = x.numpy()
@@ -168,12 +222,15 @@ class _FiltFilt:
 
     def _taps(self, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         key = (device, dtype)
-        if key not in self._cache:
-            self._cache[key] = (
+        taps = self._cache.get(key)
+        if taps is None:
+            taps = (
                 torch.from_numpy(self.h).to(device=device, dtype=dtype),
                 torch.from_numpy(self.r).to(device=device, dtype=dtype),
             )
-        return self._cache[key]
+            if not _recording_graph():  # an exporter's fake tensors must not reach the cache eager runs read
+                self._cache[key] = taps
+        return taps
 
     def _lfilter(self, x: Tensor) -> Tensor:
         """One causal pass over rows of ``x`` [N, T], started in steady state for the first sample."""
@@ -181,6 +238,8 @@ class _FiltFilt:
         n = x.shape[-1]
         k = min(h.shape[0], n)  # taps beyond n never reach an output sample
         n_fft = scipy.fft.next_fast_len(n + k - 1, real=True)  # no circular wrap into the first n outputs
+        if _recording_graph():  # ONNX Runtime's DFT is a fast radix-2 FFT only for powers of two (~20x faster)
+            n_fft = 1 << int(n + k - 2).bit_length()
         y = torch.fft.irfft(torch.fft.rfft(x, n_fft) * torch.fft.rfft(h[:k], n_fft), n_fft)[..., :n]
         transient = r[:n] if r.shape[0] >= n else F.pad(r, (0, n - r.shape[0]))
         return y + x[..., :1] * transient

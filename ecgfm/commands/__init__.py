@@ -40,6 +40,7 @@ commands:
   bench data                        loader, conversion and index benchmarks against same-run baselines
   bench metrics                     multi-label metrics, 1,200 labels x 1,000,000 samples: memory, time, torchmetrics
   bench distillation                lead-I students with and without a 12-lead teacher, synthetic potassium: test MAE
+  bench infer                       one prediction's latency and throughput: eager vs TorchScript vs ONNX Runtime
   subsets                           evaluate a checkpoint on lead subsets (12, limb, I+II, I, II): one table
   distill-cache                     store a teacher checkpoint's outputs in the shards, for distillation
   quickstart                        convert the bundled LUDB recordings, fine-tune, and evaluate

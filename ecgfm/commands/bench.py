@@ -1,4 +1,4 @@
-"""``ecgfm bench data | metrics | distillation``: benchmarks measured against a baseline run beside them."""
+"""``ecgfm bench data | metrics | distillation | infer``: benchmarks measured against a baseline run beside them."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from jsonargparse import ArgumentParser
 
 USAGE = """usage: ecgfm bench data [--segments N] [--wfdb_records N] [--index_segments N] ...
        ecgfm bench metrics [--labels N] [--samples N] [--batch N] [--bins N] ...
-       ecgfm bench distillation [--out DIR] [--n_segments N] [--seeds '[0,1,2]'] [--label_fraction F] ..."""
+       ecgfm bench distillation [--out DIR] [--n_segments N] [--seeds '[0,1,2]'] [--label_fraction F] ...
+       ecgfm bench infer [--backbones '[net1d-small, ecgfounder-12lead]'] [--repeats N] [--batch N] [--quick true]"""
 
 
 def run(argv: list[str]) -> int:
@@ -18,6 +19,8 @@ def run(argv: list[str]) -> int:
         return run_metrics(argv[1:])
     if argv[:1] == ["distillation"]:
         return run_distillation(argv[1:])
+    if argv[:1] == ["infer"]:
+        return run_infer(argv[1:])
     if argv[:1] in (["-h"], ["--help"]):
         print(USAGE)
         return 0
@@ -57,4 +60,15 @@ def run_distillation(argv: list[str]) -> int:
     parser.add_function_arguments(run_distillation_benchmark, skip={"run"})
     cfg = {k: v for k, v in parser.parse_args(argv).as_dict().items() if k != "__path__"}
     run_distillation_benchmark(run_lightning, **cfg)
+    return 0
+
+
+def run_infer(argv: list[str]) -> int:
+    from ecgfm.bench.infer import run_infer_benchmark
+
+    description = run_infer_benchmark.__doc__.split("\n\n")[0]
+    parser = ArgumentParser(prog="ecgfm bench infer", exit_on_error=False, description=description)
+    parser.add_function_arguments(run_infer_benchmark, skip={"console"})
+    cfg = {k: v for k, v in parser.parse_args(argv).as_dict().items() if k != "__path__"}
+    run_infer_benchmark(**cfg)
     return 0
