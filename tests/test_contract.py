@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import warnings
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -267,7 +268,13 @@ def _with_manifest(root, tmp_path, **changes):
 
 def _validate(task: FineTuneTask, root) -> None:
     data = ShardDataModule(str(root), batch_size=16, targets=["potassium"])
-    trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=1)
+    trainer = L.Trainer(
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=1,
+        default_root_dir=Path(root).parent / "validate-run",  # the tables go there, not into the working folder
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.validate(task, datamodule=data, verbose=False)
