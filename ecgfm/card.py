@@ -3,6 +3,7 @@ gives, what it was trained and measured on, and what it is not for."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -143,7 +144,7 @@ def render_card(config: Mapping[str, Any], labels: Mapping[str, Any]) -> str:
         "```python",
         "import ecgfm",
         "",
-        f"model = ecgfm.load({str(config.get('name') or 'THIS_FOLDER')!r})",
+        f"model = ecgfm.load({json.dumps(str(config.get('name') or 'THIS_FOLDER'))})",
         "```",
         "",
     ]

@@ -126,7 +126,7 @@ def prepare_hub_folder(folder: str | Path, repo_id: str) -> Path:
     if metadata["license"] == "other" and licence:
         metadata["license_name"] = licence
     body = (folder / CARD_NAME).read_text()
-    body = body.replace(f"ecgfm.load({config.get('name')!r})", f"ecgfm.load('hf://{repo_id}')")
+    body = body.replace(f"ecgfm.load({json.dumps(str(config.get('name')))})", f'ecgfm.load("hf://{repo_id}")')
     front = yaml.safe_dump(metadata, sort_keys=False)
     return atomic_write_text(folder / HUB_README, f"---\n{front}---\n\n{body}")
 

@@ -202,7 +202,7 @@ def test_ecgfm_publish_writes_a_folder_with_card_metrics_and_hub_readme(tmp_path
     assert "model.ckpt (sha256 " in config["card"]["source_checkpoint"]
     readme = (out / "README.md").read_text()
     assert readme.startswith("---\nlibrary_name: ecgfm\nlicense: mit\n")
-    assert "ecgfm.load('hf://someone/tiny-dx')" in readme
+    assert 'ecgfm.load("hf://someone/tiny-dx")' in readme
     # the published model is the checkpoint's model
     task = FineTuneTask.load_from_checkpoint(ckpt, map_location="cpu").eval()
     x = _signal(2)
