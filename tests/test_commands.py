@@ -42,6 +42,14 @@ def test_list_prints_each_name_with_its_description_and_options(capsys):
     assert "net1d-small" in everything and "fold_first_conv" in everything and "wfdb" in everything
 
 
+def test_list_backbones_shows_each_input_contract_and_parameter_count(capsys):
+    assert main(["list", "backbones"]) == 0
+    out = capsys.readouterr().out
+    assert "reads 500 Hz x 5000 samples (10 s), leads I in mV, preprocessing ecgfounder; 30,807,750 parameters" in out
+    assert "preprocessing ecgfounder; 30,819,014 parameters" in out  # ECGFounder's released 12-lead size
+    assert out.count(" parameters\n") == len(REGISTRIES["backbones"])
+
+
 def test_list_rejects_an_unknown_kind(capsys):
     assert main(["list", "backbone"]) == 2
     assert one_error_line(capsys.readouterr().err).count("backbones") >= 1  # the kinds it takes

@@ -38,7 +38,22 @@ def format_registry(registry: Registry) -> str:
     lines = []
     for name in registry:
         lines.append(f"  {name:<{width}}{registry.describe(name)}".rstrip())
+        if registry.kind == "backbone":
+            lines.append(f"  {'':<{width}}{backbone_summary(registry, name)}")
         options = registry.options_of(name)
         listed = "any keyword" if options is None else ", ".join(options) or "none"
         lines.append(f"  {'':<{width}}options: {listed}")
     return "\n".join(lines)
+
+
+def backbone_summary(registry: Registry, name: str) -> str:
+    """``reads 500 Hz x 5000 samples (10 s), leads I, ..., V6 in mV, preprocessing ecgfounder; 30,819,014 parameters``:
+    the input contract and size of a registered backbone, built on torch's meta device (no memory, no weights)."""
+    import torch
+
+    with torch.device("meta"):
+        model = registry.create(name)
+    contract = model.model_config.input
+    parameters = sum(p.numel() for p in model.parameters())
+    chain = contract.preprocessing.get("name", "none")
+    return f"reads {contract.describe()} in {contract.units}, preprocessing {chain}; {parameters:,} parameters"
