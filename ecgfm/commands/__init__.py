@@ -75,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
             print("ecgfm: stopped by SIGTERM; run the same command again to resume", file=sys.stderr)
             return 128 + signal.SIGTERM
         return stop.code if isinstance(stop.code, int) else int(stop.code is not None)
+    except BrokenPipeError:  # `ecgfm recipes list | head`: the reader left; stop quietly, as other commands do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return 128 + signal.SIGPIPE
     except Exception as err:
         message = user_error(err)
         if message is None or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
