@@ -23,11 +23,13 @@ from ecgfm.resampling import resample, segment_starts  # noqa: F401  (part of th
 
 __all__ = [
     "ECGFounderPreprocessing",
+    "HuBERTECGPreprocessing",
     "NoPreprocessing",
     "Preprocessing",
     "ZScore",
     "create_preprocessing",
     "ecgfounder_preprocess_numpy",
+    "hubert_ecg_preprocess_numpy",
     "resample",
     "segment_starts",
     "to_millivolts",
@@ -80,6 +82,42 @@ def ecgfounder_preprocess_numpy(x: np.ndarray, fs: float = STANDARD_FS) -> np.nd
     x = x - baseline.reshape(x.shape)
     x = (x - x.mean()) / (x.std() + 1e-8)
     return x.astype(np.float32)
+
+
+# --- HuBERT-ECG's chain, numpy reference ---
+
+
+def hubert_ecg_fir(fs: float, band_hz: Sequence[float], taps: int) -> np.ndarray:
+    """HuBERT-ECG's band-pass (biosppy ``filter_signal(ftype="FIR", order=int(0.3 * fs))``): a Hamming-window
+    firwin of ``taps`` (odd) taps, applied with filtfilt."""
+    return scipy.signal.firwin(taps, [band_hz[0], band_hz[1]], pass_zero=False, fs=fs)
+
+
+def hubert_ecg_preprocess_numpy(
+    x: np.ndarray,
+    fs: float = STANDARD_FS,
+    band_hz: Sequence[float] = (0.05, 47.0),
+    fir_taps: int = 151,
+    target_fs: float = 100.0,
+    window_s: float = 5.0,
+    smooth: float = 1e-8,
+) -> np.ndarray:
+    """HuBERT-ECG's published preprocessing of one record ``x`` [L, T] in mV, with scipy: the reference chain.
+
+    FIR band-pass (filtfilt) -> per-lead min-max over the record to [-1, 1] -> 5-s windows, each flattened lead after
+    lead and ``scipy.signal.decimate``d (order-8 Chebyshev I, zero phase) as one vector, so the filter crosses lead
+    boundaries as theirs does -> [L, T * target_fs / fs], the windows one after the other.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    x = scipy.signal.filtfilt(hubert_ecg_fir(fs, band_hz, fir_taps), [1.0], x, axis=-1)
+    low, high = x.min(axis=-1, keepdims=True), x.max(axis=-1, keepdims=True)
+    x = 2 * (x - low) / (high - low + smooth) - 1
+    q = round(fs / target_fs)
+    width = round(window_s * fs)
+    n_leads, n_time = x.shape
+    starts = range(0, n_time, width) if n_time >= width else [0]
+    windows = [scipy.signal.decimate(x[:, s : s + width].reshape(-1), q).reshape(n_leads, -1) for s in starts]
+    return np.concatenate(windows, axis=-1).astype(np.float32)
 
 
 # --- Base class of the registered chains ---
@@ -198,7 +236,8 @@ def _steady_state_responses(b: np.ndarray, a: np.ndarray) -> tuple[np.ndarray, n
     radius = float(np.abs(np.roots(a)).max()) if len(a) > 1 else 0.0
     if radius >= 1.0:
         raise ValueError(f"unstable filter (largest pole radius {radius:.6f})")
-    n = 64 if radius == 0.0 else int(np.log(IMPULSE_RESPONSE_TOL) / np.log(radius)) * 2 + 64
+    # an FIR filter (no poles) has exactly len(b) taps: all of them must stay
+    n = max(len(a), len(b)) + 64 if radius == 0.0 else int(np.log(IMPULSE_RESPONSE_TOL) / np.log(radius)) * 2 + 64
     impulse = np.zeros(n)
     impulse[0] = 1.0
     h = scipy.signal.lfilter(b, a, impulse)
@@ -219,6 +258,29 @@ class _FiltFilt:
         self.padlen = 3 * max(len(a), len(b))
         self.h, self.r = _steady_state_responses(b, a)
         self._cache: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
+
+    @classmethod
+    def from_sos(cls, sos: np.ndarray) -> _FiltFilt:
+        """scipy.signal.sosfiltfilt(sos, x): responses taken through the sections (a high-order IIR's (b, a) loses
+        precision), padding as sosfiltfilt's default (3 * (2 * sections + 1 - trailing zero taps))."""
+        self = cls.__new__(cls)
+        n_sections = sos.shape[0]
+        trailing = min(int((sos[:, 2] == 0).sum()), int((sos[:, 5] == 0).sum()))
+        self.padlen = 3 * (2 * n_sections + 1 - trailing)
+        poles = np.concatenate([np.roots(section[3:]) for section in sos])
+        radius = float(np.abs(poles).max())
+        if radius >= 1.0:
+            raise ValueError(f"unstable filter (largest pole radius {radius:.6f})")
+        n = int(np.log(IMPULSE_RESPONSE_TOL) / np.log(radius)) * 2 + 64 if radius > 0 else 64
+        impulse = np.zeros(n)
+        impulse[0] = 1.0
+        h = scipy.signal.sosfilt(sos, impulse)
+        r, _ = scipy.signal.sosfilt(sos, np.zeros(n), zi=scipy.signal.sosfilt_zi(sos))
+        both = np.maximum(np.abs(h), np.abs(r))
+        keep = int(np.nonzero(both > IMPULSE_RESPONSE_TOL * both.max())[0][-1]) + 1
+        self.h, self.r = h[:keep], r[:keep]
+        self._cache = {}
+        return self
 
     def _taps(self, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         key = (device, dtype)
@@ -344,4 +406,78 @@ class ECGFounderPreprocessing(Preprocessing):
             y = _zscore(y, lead_mask, self.eps, per_lead=False)
         elif lead_mask is not None:
             y = y * lead_mask.to(device=y.device, dtype=y.dtype).unsqueeze(-1)
+        return y.to(x.dtype)
+
+
+@PREPROCESSING.register("hubert_ecg")
+class HuBERTECGPreprocessing(Preprocessing):
+    """HuBERT-ECG's offline preprocessing, batched on the signal's device: [B, L, T] mV at ``fs`` -> [B, L, T / q].
+
+    FIR band-pass (filtfilt) -> per-lead min-max to [-1, 1] over the segment -> each ``window_s`` window flattened
+    lead after lead and decimated by q = fs / target_fs as one vector (order-8 Chebyshev I, zero phase, as
+    ``scipy.signal.decimate``; the filter crosses lead boundaries, as in their code) -> back to leads, windows one
+    after the other (a 10-s segment gives [B, L, 1000]: two 5-s windows the backbone reads one by one). A segment
+    shorter than a window is one window. Absent leads (mask False) become zero. Matches
+    ``hubert_ecg_preprocess_numpy`` to ~1e-6.
+    """
+
+    def __init__(
+        self,
+        fs: float = STANDARD_FS,
+        band_hz: Sequence[float] = (0.05, 47.0),
+        fir_taps: int = 151,
+        target_fs: float = 100.0,
+        window_s: float = 5.0,
+        decimate_order: int = 8,
+        smooth: float = 1e-8,
+    ) -> None:
+        super().__init__()
+        self.fs = float(fs)
+        self.band_hz = (float(band_hz[0]), float(band_hz[1]))
+        self.fir_taps = int(fir_taps)
+        self.target_fs = float(target_fs)
+        self.window_s = float(window_s)
+        self.decimate_order = int(decimate_order)
+        self.smooth = float(smooth)
+        if not 0 < self.band_hz[0] < self.band_hz[1] < self.fs / 2:
+            raise ValueError(f"band_hz={self.band_hz} must satisfy 0 < low < high < fs/2 = {self.fs / 2}")
+        if self.fir_taps % 2 == 0:
+            raise ValueError(f"fir_taps must be odd (a type I band-pass), got {self.fir_taps}")
+        q = self.fs / self.target_fs
+        if q < 1 or abs(q - round(q)) > 1e-9:
+            raise ValueError(f"fs / target_fs must be a whole number, got {self.fs:g} / {self.target_fs:g}")
+        self.q = round(q)
+        self.window = round(self.window_s * self.fs)
+        if self.window % self.q:
+            raise ValueError(f"a {self.window_s:g}-s window ({self.window} samples) is not a multiple of q={self.q}")
+        self.bandpass = _FiltFilt(hubert_ecg_fir(self.fs, self.band_hz, self.fir_taps), np.ones(1))
+        self.decimation = None
+        if self.q > 1:
+            sos = scipy.signal.cheby1(self.decimate_order, 0.05, 0.8 / self.q, output="sos")
+            self.decimation = _FiltFilt.from_sos(sos)
+
+    def forward(self, x: Tensor, lead_mask: Tensor | None = None) -> Tensor:
+        _check_input(x, lead_mask)
+        batch, leads, time = x.shape
+        width = self.window if time >= self.window else time
+        if time % width or width % self.q:
+            raise ValueError(
+                f"hubert_ecg: {time} samples are not whole {self.window_s:g}-s windows of {self.window} samples "
+                f"(or one shorter window whose length is a multiple of {self.q})"
+            )
+        work = torch.float32 if x.device.type == "mps" else torch.float64
+        y = self.bandpass(x.to(work).reshape(batch * leads, time)).reshape(batch, leads, time)
+        low, high = y.amin(dim=-1, keepdim=True), y.amax(dim=-1, keepdim=True)
+        y = 2 * (y - low) / (high - low + self.smooth) - 1
+        present = None
+        if lead_mask is not None:
+            present = lead_mask.to(device=y.device, dtype=y.dtype).unsqueeze(-1)
+            y = y * present
+        if self.decimation is not None:
+            n = time // width
+            flat = y.reshape(batch, leads, n, width).permute(0, 2, 1, 3).reshape(batch * n, leads * width)
+            flat = self.decimation(flat)[..., :: self.q]
+            y = flat.reshape(batch, n, leads, width // self.q).permute(0, 2, 1, 3).reshape(batch, leads, -1)
+            if present is not None:
+                y = y * present
         return y.to(x.dtype)
