@@ -17,17 +17,18 @@ import dataclasses
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
-from transformers import Wav2Vec2Config
-from transformers.models.wav2vec2.modeling_wav2vec2 import Wav2Vec2Encoder
 
 from ecgfm.backbones.checkpoint import CheckpointError, load_state_dict_file, load_strict
 from ecgfm.backbones.config import ContractError, InputContract, ModelConfig
 from ecgfm.leads import STANDARD_FS, STANDARD_LEADS, STANDARD_N_SAMPLES, parse_leads
 from ecgfm.registry import BACKBONES
 from ecgfm.signal import ZScore
+
+if TYPE_CHECKING:  # transformers is imported when a model is built, not when its configs register
+    from transformers import Wav2Vec2Config
 
 __all__ = ["ECGFM", "ECG_FM", "ECG_FM_TINY", "checkpoint_filter_fn", "fairseq_key_map"]
 
@@ -128,6 +129,8 @@ class ECGFM(nn.Module):
         self.feature_projection = FeatureProjection(
             conv_layers[-1][0], hidden, arch["layer_norm_eps"], arch["dropout_input"]
         )
+        from transformers.models.wav2vec2.modeling_wav2vec2 import Wav2Vec2Encoder  # on build: registering is fast
+
         self.encoder = Wav2Vec2Encoder(wav2vec2_config(arch))
         self.num_features = hidden
         self.proj = nn.Linear(hidden, int(arch["n_classes"]))
@@ -196,6 +199,8 @@ OMEGACONF_HINT = (
 
 def wav2vec2_config(arch: Mapping[str, Any]) -> Wav2Vec2Config:
     """transformers' config for the post-LN wav2vec 2.0 encoder with fairseq-signals' settings (no layer drop)."""
+    from transformers import Wav2Vec2Config
+
     return Wav2Vec2Config(
         hidden_size=int(arch["hidden_size"]),
         num_hidden_layers=int(arch["num_hidden_layers"]),

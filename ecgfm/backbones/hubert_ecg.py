@@ -12,16 +12,18 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
-from transformers import HubertConfig, HubertModel
 
 from ecgfm.backbones.checkpoint import CheckpointError, load_state_dict_file, load_strict, safe_torch_load
 from ecgfm.backbones.config import ContractError, InputContract, ModelConfig
 from ecgfm.leads import STANDARD_FS, STANDARD_LEADS, STANDARD_N_SAMPLES
 from ecgfm.registry import BACKBONES
 from ecgfm.signal import HuBERTECGPreprocessing
+
+if TYPE_CHECKING:  # transformers is imported when a model is built, not when its configs register
+    from transformers import HubertConfig
 
 __all__ = ["HUBERT_ARCHITECTURE", "HuBERTECGBackbone", "hubert_config", "hubert_ecg_config"]
 
@@ -98,6 +100,8 @@ _WEIGHT_NORM = {
 
 def hubert_config(architecture: Mapping[str, Any]) -> HubertConfig:
     """The ``transformers.HubertConfig`` of an architecture dict (ecgfm's own options left out)."""
+    from transformers import HubertConfig  # on build: registering the configs does not import transformers
+
     return HubertConfig(**{k: v for k, v in architecture.items() if k in HUBERT_ARCHITECTURE})
 
 
@@ -115,6 +119,8 @@ class HuBERTECGBackbone(nn.Module):
             raise ValueError(f"window_pooling must be 'mean' or 'max', got {arch['window_pooling']!r}")
         self.window_samples = int(arch["window_samples"])
         self.window_pooling = str(arch["window_pooling"])
+        from transformers import HubertModel
+
         self.hubert = HubertModel(hubert_config(arch))
         self.num_features = int(arch["hidden_size"])
         self.classifier = nn.Linear(self.num_features, int(arch["n_classes"]))
@@ -262,6 +268,8 @@ def check_architecture(config: Mapping[str, Any], architecture: Mapping[str, Any
 
     A field the checkpoint's config leaves out has HubertConfig's default, as ``from_pretrained`` would give it.
     """
+    from transformers import HubertConfig
+
     defaults = HubertConfig().to_dict()
     differ = []
     for key in STRUCTURAL_FIELDS:

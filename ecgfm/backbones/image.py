@@ -13,7 +13,6 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import timm
 import torch
 from torch import Tensor, nn
 
@@ -79,6 +78,8 @@ class ImageECG(nn.Module):
                 self.leads.weight[STANDARD_LEADS.index(lead), i, 0] = 1.0
         self.leads.weight.requires_grad_(False)  # millivolts stay millivolts: 10 mm/mV is the page's scale
         self.paper = PaperECG(pixels_per_mm=pixels_per_mm, grid=grid, row_mm=row_mm, line_width_mm=line_width_mm)
+        import timm  # on build: registering the configs does not import timm (and torchvision)
+
         self.model = timm.create_model(model_name, pretrained=False, num_classes=0, in_chans=3)
         self.num_features = int(self.model.num_features)
         cfg = self.model.pretrained_cfg
