@@ -126,11 +126,7 @@ class ECGModel(nn.Module):
     def output_keys(self) -> list[tuple[str, str, str]]:
         """``(public name, head, key)`` per output, in order; the head's key is the public name unless two heads
         give the same key, then it is ``<head>/<key>``."""
-        keys = [(name, key) for name, head in self.heads.items() for key in head.output_names()]
-        seen: dict[str, int] = {}
-        for _, key in keys:
-            seen[key] = seen.get(key, 0) + 1
-        return [(key if seen[key] == 1 else f"{name}/{key}", name, key) for name, key in keys]
+        return _public_names([(name, key) for name, head in self.heads.items() for key in head.output_names()])
 
     def output_names(self) -> list[str]:
         return [public for public, _, _ in self.output_keys()]
@@ -208,7 +204,8 @@ class ECGModel(nn.Module):
         """Raw mV ``[B, L, T]`` -> ``{public output name: float [B]}``: probabilities, values and decisions."""
         raw = self(signal, lead_mask)
         by_head = {name: head.postprocess(raw[name]) for name, head in self.heads.items()}
-        return {public: by_head[head][key].float() for public, head, key in self.output_keys()}
+        keys = _public_names([(head, key) for head, outputs in by_head.items() for key in outputs])
+        return {public: by_head[head][key].float() for public, head, key in keys}
 
     @torch.no_grad()
     def predict_numpy(self, signal: np.ndarray, lead_mask: np.ndarray | None = None) -> dict[str, np.ndarray]:
@@ -324,6 +321,14 @@ class ECGModel(nn.Module):
     def lead_subsets(self) -> list[tuple[str, ...]]:
         """The smaller lead sets the card says this model serves (missing leads zero-filled and masked)."""
         return [parse_leads(subset) for subset in self.card.get("lead_subsets", [])]
+
+
+def _public_names(keys: list[tuple[str, str]]) -> list[tuple[str, str, str]]:
+    """``(head, key)`` pairs -> ``(public name, head, key)``: the key, or ``<head>/<key>`` where two heads share it."""
+    seen: dict[str, int] = {}
+    for _, key in keys:
+        seen[key] = seen.get(key, 0) + 1
+    return [(key if seen[key] == 1 else f"{head}/{key}", head, key) for head, key in keys]
 
 
 def _ecgfm_version() -> str:

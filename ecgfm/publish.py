@@ -14,7 +14,7 @@ import yaml
 
 from ecgfm.card import CARD_FIELDS
 from ecgfm.io import atomic_write_text, sha256sum
-from ecgfm.pretrained import CARD_NAME, CONFIG_NAME, ECGModel, read_config
+from ecgfm.pretrained import CARD_NAME, ECGModel, read_config
 
 __all__ = [
     "HUB_README",
@@ -143,11 +143,3 @@ def upload_to_hub(folder: str | Path, repo_id: str, revision: str | None = None)
     api.create_repo(repo_id, exist_ok=True, repo_type="model")
     info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, revision=revision, repo_type="model")
     return str(getattr(info, "commit_url", info))
-
-
-def published_files(folder: str | Path) -> list[Path]:
-    """The files of a published folder, config first (what a zoo entry lists with their sha256)."""
-    folder = Path(folder)
-    config = read_config(folder)
-    names = [CONFIG_NAME, config.get("weights", {}).get("file", "model.safetensors"), "labels.json", CARD_NAME]
-    return [folder / name for name in names]

@@ -36,9 +36,8 @@ def render_golden() -> np.ndarray:
         return PaperECG(pixels_per_mm=PPM)(record_mv())[0].permute(1, 2, 0).numpy()
 
 
-def write_golden() -> (
-    None
-):  # pragma: no cover - run once by hand: python -c "import tests.test_image_backbone as t; ..."
+def write_golden() -> None:
+    """Regenerate the golden page after a deliberate change to the renderer (run by hand, not a test)."""
     import matplotlib.pyplot as plt
 
     GOLDEN.parent.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,7 @@ from torch import nn
 from ecgfm.backbones.config import ContractError, ModelConfig
 from ecgfm.registry import BACKBONES
 
-__all__ = ["create_backbone"]
+__all__ = ["create_backbone", "reset_classifier"]
 
 
 def create_backbone(
@@ -49,7 +49,7 @@ def create_backbone(
     if getattr(model, "model_config", None) is None:
         raise TypeError(f"backbone {name!r} was built without a model_config; its factory must attach one")
     if num_classes is not None:
-        model.reset_classifier(num_classes)
+        reset_classifier(model, num_classes)
     if pretrained is True:
         from ecgfm.zoo import resolve_weights
 
@@ -57,3 +57,14 @@ def create_backbone(
     if pretrained:
         model.load_pretrained(Path(pretrained))
     return model
+
+
+def reset_classifier(model: nn.Module, num_classes: int) -> None:
+    """Replace the layer the model config names as ``classifier`` with a fresh ``Linear(num_features, num_classes)``
+    and record ``n_classes`` in the config, so the stored config rebuilds the model with that classifier."""
+    config: ModelConfig = model.model_config
+    if "n_classes" not in config.architecture:
+        raise ContractError(f"backbone {config.name!r} has no n_classes option: num_classes cannot be set")
+    parent, _, name = config.classifier.rpartition(".")
+    setattr(model.get_submodule(parent), name, nn.Linear(model.num_features, num_classes))
+    model.model_config = config.replace(architecture={**config.architecture, "n_classes": num_classes})

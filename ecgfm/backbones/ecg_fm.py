@@ -163,13 +163,6 @@ class ECGFM(nn.Module):
         """The classifier ``proj`` (a fine-tuned ECG-FM's head) is never read by :meth:`forward_features`."""
         return list(self.proj.parameters())
 
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace ``proj`` with a fresh Linear(num_features -> num_classes) (the model config follows)."""
-        self.proj = nn.Linear(self.num_features, num_classes)
-        config = getattr(self, "model_config", None)
-        if config is not None:
-            self.model_config = config.replace(architecture={**config.architecture, "n_classes": num_classes})
-
     def load_pretrained(
         self, path: Path, state_filter: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None
     ) -> None:

@@ -149,13 +149,6 @@ class HuBERTECGBackbone(nn.Module):
         """The ``classifier`` (a task's heads replace it), so DDP finds no parameter without a gradient."""
         return list(self.classifier.parameters())
 
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace ``classifier`` with a fresh Linear(hidden -> num_classes) (the model config follows)."""
-        self.classifier = nn.Linear(self.num_features, num_classes)
-        config = getattr(self, "model_config", None)
-        if config is not None:
-            self.model_config = config.replace(architecture={**config.architecture, "n_classes": num_classes})
-
     def load_pretrained(
         self, path: Path, state_filter: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None
     ) -> None:

@@ -111,13 +111,6 @@ class ImageECG(nn.Module):
         """The classifier (kept so timm's head can load into it); the task freezes it."""
         return list(self.classifier.parameters())
 
-    def reset_classifier(self, num_classes: int) -> None:
-        """A fresh Linear(num_features -> num_classes); the model config follows."""
-        self.classifier = nn.Linear(self.num_features, num_classes)
-        config = getattr(self, "model_config", None)
-        if config is not None:
-            self.model_config = config.replace(architecture={**config.architecture, "n_classes": num_classes})
-
     def load_pretrained(
         self, path: str | Path, state_filter: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None
     ) -> None:

@@ -241,13 +241,6 @@ class Net1D(nn.Module):
             unused += [p for m in self.modules() if isinstance(m, nn.BatchNorm1d) for p in m.parameters()]
         return unused
 
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace ``dense`` with a fresh Linear(num_features -> num_classes) (the model config follows)."""
-        self.dense = nn.Linear(self.num_features, num_classes)
-        config = getattr(self, "model_config", None)
-        if config is not None:
-            self.model_config = config.replace(architecture={**config.architecture, "n_classes": num_classes})
-
     def load_pretrained(
         self, path: Path, state_filter: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None
     ) -> None:
