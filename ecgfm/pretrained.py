@@ -215,6 +215,32 @@ class ECGModel(nn.Module):
         mask = None if lead_mask is None else torch.as_tensor(np.asarray(lead_mask, dtype=bool), device=device)
         return {name: value.cpu().numpy() for name, value in self.eval().predict(x, mask).items()}
 
+    # ----------------------------------------------------------------- image files
+    @property
+    def reads_images(self) -> bool:
+        """Whether the backbone reads pages, so image files (``predict_image_files``) can be given."""
+        return hasattr(self.backbone, "forward_page_features")
+
+    def read_image_pages(self, paths: list[str | Path]) -> np.ndarray:
+        """Image files -> ``[N, 3, H, W]`` pages at the model's size through its stored image preprocessing."""
+        if not self.reads_images:
+            raise ContractError(f"the model {self.name!r} reads signals ({self.backbone_config.name}), not images")
+        from ecgfm.image_preprocessing import read_page
+
+        size, preprocessing = self.backbone.page_size, self.backbone.image_preprocessing
+        return np.stack([read_page(path, size, preprocessing) for path in paths])
+
+    @torch.no_grad()
+    def predict_pages_numpy(self, pages: np.ndarray) -> dict[str, np.ndarray]:
+        """Pages ``[B, 3, H, W]`` in [0, 1] -> ``{public output name: [B]}``, as :meth:`predict_numpy` for signals."""
+        if not self.reads_images:
+            raise ContractError(f"the model {self.name!r} reads signals ({self.backbone_config.name}), not images")
+        device = next(self.parameters()).device
+        features = self.eval().backbone.forward_page_features(torch.as_tensor(pages, device=device))
+        by_head = {name: head.postprocess(head(features)) for name, head in self.heads.items()}
+        keys = _public_names([(head, key) for head, outputs in by_head.items() for key in outputs])
+        return {public: by_head[head][key].float().cpu().numpy() for public, head, key in keys}
+
     # ----------------------------------------------------------------- publishing
     def published_config(self) -> dict[str, Any]:
         """``config.yaml``: the format, the contract, every output with its unit and the decision rules, the card."""

@@ -17,6 +17,7 @@ __all__ = [
     "ADAPTERS",
     "BACKBONES",
     "HEADS",
+    "IMAGE_PREPROCESSING",
     "PREPROCESSING",
     "REGISTRIES",
     "SOURCES",
@@ -211,6 +212,9 @@ HEADS: Registry = Registry("head", key="kind", builtins=("ecgfm.heads",))
 ADAPTERS: Registry = Registry("adapter", supplied=("input_leads", "backbone"), builtins=("ecgfm.adapters",))
 #: On-device preprocessing chains: ``nn.Module`` classes with ``forward(x, lead_mask)`` and ``config()``.
 PREPROCESSING: Registry = Registry("preprocessing", builtins=("ecgfm.signal",))
+#: Image preprocessing for ECG image files (scans, photos, PDFs printed to PNG): classes with ``__call__(image) ->
+#: [3, H, W] page`` and ``config()``, run on the CPU where the images are decoded (numpy/scipy, no torch).
+IMAGE_PREPROCESSING: Registry = Registry("image preprocessing", builtins=("ecgfm.image_preprocessing",))
 #: Source readers: ``SourceReader`` subclasses that find and read records of one on-disk format (no torch).
 SOURCES: Registry = Registry("source", builtins=("ecgfm.data.sources",))
 
@@ -220,5 +224,6 @@ REGISTRIES: dict[str, Registry] = {
     "heads": HEADS,
     "adapters": ADAPTERS,
     "preprocessing": PREPROCESSING,
+    "image-preprocessing": IMAGE_PREPROCESSING,
     "sources": SOURCES,
 }

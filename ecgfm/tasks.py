@@ -206,6 +206,15 @@ class FineTuneTask(L.LightningModule):
         manifest = getattr(datamodule, "manifest", None)
         if isinstance(manifest, Manifest):
             self.check_data(manifest, Path(getattr(datamodule, "root", ".")) / MANIFEST_NAME)
+        if hasattr(datamodule, "use_image_model"):  # image files: pages at the model's size, its preprocessing
+            if not hasattr(self.backbone, "forward_page_features"):
+                raise ContractError(
+                    f"the data are image files ({getattr(datamodule, 'root', '?')}) but the backbone "
+                    f"{self.backbone_config.name!r} reads signals; use an image-* backbone (ecgfm list backbones)"
+                )
+            if self.distiller is not None:
+                raise ContractError("distillation reads signals; it does not run on image files")
+            datamodule.use_image_model(self.backbone.page_size, self.backbone.image_preprocessing.config())
 
     @classmethod
     def load_frozen(cls, path: str | Path) -> FineTuneTask:
@@ -427,6 +436,17 @@ class FineTuneTask(L.LightningModule):
         features = self.backbone.forward_features(x)
         return {name: head(features) for name, head in self.heads.items()}
 
+    def forward_images(self, image: Tensor) -> dict[str, Tensor]:
+        """Pages ``[B, 3, H, W]`` in [0, 1] (image files through the backbone's image preprocessing) -> outputs."""
+        features = self.backbone.forward_page_features(image)
+        return {name: head(features) for name, head in self.heads.items()}
+
+    def _batch_outputs(self, batch: dict[str, Any]) -> tuple[dict[str, Tensor], int]:
+        """``({head: output}, batch size)`` of a batch of signals or, from image files, of pages."""
+        if "image" in batch:
+            return self.forward_images(batch["image"]), batch["image"].shape[0]
+        return self(batch["signal"], batch["lead_mask"]), batch["signal"].shape[0]
+
     def _head_targets(self, batch: dict[str, Any], name: str) -> tuple[Tensor, Tensor]:
         head = self.heads[name]
         target, mask = batch["targets"][head.target], batch["target_masks"][head.target]
@@ -436,12 +456,11 @@ class FineTuneTask(L.LightningModule):
         return target.float(), mask
 
     def _step(self, batch: dict[str, Any], split: str) -> Tensor:
-        outputs = self(batch["signal"], batch["lead_mask"])
+        outputs, batch_size = self._batch_outputs(batch)
         distiller = self.distiller
         distilling = distiller is not None and distiller.heads and split in ("train", "val")
         teacher_outputs = distiller.outputs(batch) if distilling else {}
         total = torch.zeros((), device=self.device)
-        batch_size = batch["signal"].shape[0]
         for name, head in self.heads.items():
             target, mask = self._head_targets(batch, name)
             loss = head.loss(outputs[name], target, mask)
@@ -473,7 +492,7 @@ class FineTuneTask(L.LightningModule):
         self._step(batch, "test")
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
-        outputs = self(batch["signal"], batch["lead_mask"])
+        outputs, _ = self._batch_outputs(batch)
         predictions: dict[str, Any] = {"record_id": batch["record_id"], "patient_id": batch["patient_id"]}
         for name, head in self.heads.items():
             for key, value in head.postprocess(outputs[name]).items():

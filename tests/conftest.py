@@ -49,3 +49,39 @@ def synthetic_shards(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("synthetic-shards")
     write_synthetic_shards(out, 768, seed=0, segments_per_shard=256, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def ludb_scans(ludb_shards: Path, tmp_path_factory) -> Path:
+    """The bundled LUDB segments printed as paper ECGs (4 px/mm) and 'scanned': tinted paper, blur, sensor noise and
+    dark specks, every other one a JPEG; with labels.csv (file, patient, diagnoses) as a hospital's export has it."""
+    import numpy as np
+    import torch
+    from PIL import Image, ImageFilter
+
+    from ecgfm.data.dataset import ShardDataset
+    from ecgfm.ecg_paper import PaperECG
+    from ecgfm.signal import ECGFounderPreprocessing, to_millivolts
+
+    out = tmp_path_factory.mktemp("ludb-scans")
+    dataset = ShardDataset(ludb_shards)
+    names = dataset.manifest.targets["diagnoses"].names
+    batch = dataset.__getitems__(list(range(len(dataset))))
+    signal = to_millivolts(batch["signal"])
+    with torch.no_grad():
+        mv = ECGFounderPreprocessing(zscore=False)(signal, batch["lead_mask"])
+        pages = torch.cat([PaperECG(pixels_per_mm=4.0)(part) for part in mv.split(16)])
+    rng = np.random.default_rng(0)
+    rows = ["file,patient,diagnoses"]
+    for i, page in enumerate(pages.permute(0, 2, 3, 1).numpy()):
+        scan = page * np.array([0.97, 0.95, 0.88], np.float32) + rng.normal(0, 0.03, page.shape[:2])[..., None]
+        ys, xs = rng.integers(0, page.shape[0], 60), rng.integers(0, page.shape[1], 60)
+        for y, x in zip(ys, xs, strict=True):  # specks of dust and toner, 1-2 px
+            scan[y : y + 2, x : x + 2] = 0.1
+        image = Image.fromarray((scan.clip(0, 1) * 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(0.6))
+        name = f"{batch['record_id'][i].replace('/', '_')}-{i}.{'jpg' if i % 2 else 'png'}"
+        image.save(out / name, quality=90)
+        labels = ";".join(n for n, v in zip(names, batch["targets"]["diagnoses"][i].tolist(), strict=True) if v > 0.5)
+        rows.append(f'{name},{batch["patient_id"][i]},"{labels}"')
+    (out / "labels.csv").write_text("\n".join(rows) + "\n")
+    return out

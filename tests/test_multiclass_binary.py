@@ -197,7 +197,17 @@ def test_binary_losses_ignore_masked_samples():
     f2 = 5 * tp / (5 * tp + 4 * fn + fp)
     expected = 0.3 * (1 - f2) + 0.7 * F.binary_cross_entropy_with_logits(logits[keep], y[keep])
     torch.testing.assert_close(fbeta.loss(logits, y, mask), expected, atol=1e-5, rtol=1e-5)
-    for head in (bce, weighted, fbeta):  # flipping or moving a masked sample changes nothing
+    recall = built(BinaryHead(name="o", loss="recall"), ["arrest"])
+    # labelled: logits 2, -1, 4, -2 with labels 1, 0, 0, 1 at threshold 0: positives 1 of 2 missed (weight 0.5),
+    # negatives 1 of 2 called (weight 0.5); (1 - recall_c) x BCE summed over the labelled, / their number
+    each = F.binary_cross_entropy_with_logits(logits[keep], y[keep], reduction="none")[:, 0]
+    torch.testing.assert_close(recall.loss(logits, y, mask), (0.5 * each).sum() / 4)
+    recall.threshold.fill_(3.0)  # both positives missed (weight 1); the negative at 4.0 still called (0.5)
+    torch.testing.assert_close(recall.loss(logits, y, mask), (each * torch.tensor([1.0, 0.5, 0.5, 1.0])).sum() / 4)
+    recall.threshold.fill_(0.0)
+    with pytest.raises(ValueError, match="pos_weight needs loss"):
+        BinaryHead(name="o", loss="recall", pos_weight=2.0)
+    for head in (bce, weighted, fbeta, recall):  # flipping or moving a masked sample changes nothing
         flipped, moved = y.clone(), logits.clone()
         flipped[2], moved[2] = 1.0, -9.0
         torch.testing.assert_close(head.loss(moved, flipped, mask), head.loss(logits, y, mask))

@@ -66,8 +66,13 @@ class ImageECG(nn.Module):
         line_width_mm: float = 0.3,
         spatial_attention: bool = False,
         n_classes: int = 1000,
+        image_preprocessing: str | Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        from ecgfm.image_preprocessing import create_image_preprocessing
+
+        #: how an image file becomes a page (``ecgfm.image_preprocessing``); rendered signals never go through it
+        self.image_preprocessing = create_image_preprocessing(image_preprocessing)
         lead_names = parse_leads(list(lead_names))
         if in_channels != len(lead_names):
             raise ContractError(f"in_channels={in_channels} but the input contract names {len(lead_names)} leads")
@@ -99,10 +104,23 @@ class ImageECG(nn.Module):
         """[B, k, T] mV -> [B, 3, H, W] page in [0, 1]."""
         return self.paper(self.leads(x.float()))
 
+    @property
+    def page_size(self) -> tuple[int, int]:
+        """``(H, W)`` of the page in pixels: what rendered signals and image files both become."""
+        return self.paper.image_size
+
+    def forward_page_features(self, page: Tensor) -> Tensor:
+        """[B, 3, H, W] page in [0, 1] (rendered, or an image file through ``image_preprocessing``) -> features."""
+        if page.dim() != 4 or tuple(page.shape[1:]) != (3, *self.page_size):
+            raise ContractError(
+                f"the image backbone reads pages of [batch, 3, {self.page_size[0]}, {self.page_size[1]}] "
+                f"(its pixels_per_mm {self.paper.pixels_per_mm:g}); got {tuple(page.shape)}"
+            )
+        return self.model((page.float() - self.mean) / self.std)
+
     def forward_features(self, x: Tensor) -> Tensor:
         """[B, k, T] mV -> [B, num_features]: timm's pooled features of the normalised page."""
-        page = (self.render(x) - self.mean) / self.std
-        return self.model(page)
+        return self.forward_page_features(self.render(x))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self.forward_features(x))
@@ -165,6 +183,7 @@ IMAGE_ARCHITECTURE: dict[str, Any] = {
     "line_width_mm": 0.3,
     "spatial_attention": False,
     "n_classes": 1000,
+    "image_preprocessing": {"name": "none"},
 }
 
 
@@ -190,6 +209,10 @@ def build_image(default: ModelConfig, input: InputContract | Mapping[str, Any] |
     if lead_names is not None:
         contract = dataclasses.replace(contract, lead_names=parse_leads(lead_names))
     options.setdefault("in_channels", len(contract.lead_names))
+    if "image_preprocessing" in options:  # spelled out with every parameter, as the model config stores it
+        from ecgfm.image_preprocessing import create_image_preprocessing
+
+        options["image_preprocessing"] = create_image_preprocessing(options["image_preprocessing"]).config()
     config = default.with_options(contract, **options)
     model = ImageECG(**config.architecture, lead_names=config.input.lead_names)
     blocks = ("leads", *(f"model.{name}" for name in model.stages))

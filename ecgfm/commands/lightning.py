@@ -6,16 +6,19 @@ import os
 import sys
 import warnings
 from argparse import ArgumentError
+from pathlib import Path
 from typing import Any, Literal
 
+import lightning as L
 import torch
+import yaml
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 
 from ecgfm.backbones.checkpoint import CheckpointError, allowed_globals
 from ecgfm.checkpointing import AtomicCheckpointIO, read_lightning_checkpoint
-from ecgfm.commands.recipes import expand_config_names
+from ecgfm.commands.recipes import CONFIG_FLAGS, expand_config_names
 from ecgfm.data.datamodule import ShardDataModule
 from ecgfm.resume import (
     HANDOFF_ENV,
@@ -126,6 +129,30 @@ def _plan_details(plan: RunPlan) -> str:
     return f" {plan.run_dir} from {plan.ckpt_path} (global step {plan.step})"
 
 
+def data_class_named(argv: list[str]) -> bool:
+    """Whether the recipe names its data module (``data: {class_path: ...}``, e.g. image files); recipes without one
+    read shards with ShardDataModule and keep their short form (``data: {root: ...}``)."""
+    configs, after_flag = [], False
+    for arg in argv:
+        if arg.startswith("--data.class_path") or arg.startswith("--data=") and "class_path" in arg:
+            return True
+        if after_flag:
+            configs.append(arg)
+        after_flag = arg in CONFIG_FLAGS
+        if arg.startswith("--config="):
+            configs.append(arg.removeprefix("--config="))
+    for config in configs:
+        path = Path(config)
+        try:
+            loaded = yaml.safe_load(path.read_text()) if path.is_file() else yaml.safe_load(config)
+        except (OSError, yaml.YAMLError):
+            continue  # LightningCLI reports an unreadable config itself, naming it
+        data = loaded.get("data") if isinstance(loaded, dict) else None
+        if isinstance(data, dict) and "class_path" in data:
+            return True
+    return False
+
+
 def run_lightning(argv: list[str]) -> LightningCLI:
     """Run a LightningCLI subcommand (``fit --config recipe.yaml ...``) and return the CLI object.
 
@@ -135,11 +162,14 @@ def run_lightning(argv: list[str]) -> LightningCLI:
     # LightningCLI reads sys.argv, and Lightning's DDP launcher starts the other processes by running
     # `python sys.argv[0] sys.argv[1:]` (or `python -m ecgfm`): argv[0] stays the real program, the rest is argv.
     program = saved[0] if saved and os.path.isfile(saved[0]) else "ecgfm"
-    sys.argv = [program, *expand_config_names(argv)]
+    argv = expand_config_names(argv)
+    sys.argv = [program, *argv]
+    by_class = data_class_named(argv)
     try:
         return EcgfmCLI(
             FineTuneTask,
-            ShardDataModule,
+            L.LightningDataModule if by_class else ShardDataModule,
+            subclass_mode_data=by_class,
             save_config_kwargs={"overwrite": True},
             parser_kwargs={"parser_mode": "yaml", "prog": "ecgfm", "exit_on_error": False},  # main() prints one line
             auto_configure_optimizers=False,

@@ -429,6 +429,73 @@ def predict_records(
     return [results[key] for key in sorted(results)], skipped
 
 
+def image_inputs(arguments: Sequence[str]) -> list[Path] | None:
+    """The image files the arguments name (a folder's, sorted), or None when they name records: an argument list
+    is all images (files, or folders holding images and no .hea record) or all records."""
+    from ecgfm.image_preprocessing import IMAGE_SUFFIXES
+
+    def images_in(folder: Path) -> list[Path]:
+        if any(folder.rglob("*.hea")):
+            return []
+        return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+    found = [
+        [Path(a)] if Path(a).suffix.lower() in IMAGE_SUFFIXES else images_in(Path(a)) if Path(a).is_dir() else []
+        for a in arguments
+    ]
+    if not any(found):
+        return None
+    others = [a for a, images in zip(arguments, found, strict=True) if not images]
+    if others:
+        raise ValueError(f"give image files or records, not both: {', '.join(others[:3])} are not images")
+    return list(dict.fromkeys(path for images in found for path in images))
+
+
+def predict_images(
+    served: ServedModel, paths: Sequence[Path], batch_size: int = 64, progress: bool = False
+) -> tuple[list[RecordPrediction], list[tuple[str, str]]]:
+    """Each image file as one page through the model's own image preprocessing: one row per image."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from ecgfm.image_preprocessing import ImageFileError
+
+    model = served.model
+    if not getattr(model, "reads_images", False):
+        raise ValueError(
+            f"the model {served.name} reads signals, not images (image files need a model with an image-* backbone "
+            "and --runtime torch)"
+        )
+    predictions: list[RecordPrediction] = []
+    skipped: list[tuple[str, str]] = []
+    bar = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        disable=not progress,
+    )
+    with bar:
+        task = bar.add_task(f"predicting with {served.name}", total=len(paths))
+        for start in range(0, len(paths), batch_size):
+            pages, read = [], []
+            for path in paths[start : start + batch_size]:
+                try:
+                    pages.append(model.read_image_pages([path])[0])
+                    read.append(path)
+                except ImageFileError as err:
+                    skipped.append((str(path), str(err)))
+                bar.advance(task)
+            if not pages:
+                continue
+            outputs = model.predict_pages_numpy(np.stack(pages))
+            for i, path in enumerate(read):
+                row = {name: float(np.asarray(outputs[name]).reshape(-1)[i]) for name in served.output_names}
+                predictions.append(RecordPrediction(path.stem, str(path), 1, [row]))
+    return predictions, skipped
+
+
 # ----------------------------------------------------------------------------------------------- writing
 
 
@@ -554,11 +621,16 @@ def run(argv: list[str]) -> int:
         raise ValueError(f"--output {output}: write a .csv or a .json file")
     readers = Readers(args.reader, parse_reader_options(args.reader_option))
     served = ServedModel.of(load_model(args.model, args.runtime, args.device, args.allow_download), args.model)
-    inputs, skipped = find_inputs(args.inputs, readers)
+    images = image_inputs(args.inputs)
     method = args.aggregate or served.aggregation
     if method not in AGGREGATIONS:
         raise ValueError(f"the model's config asks for aggregation {method!r}; choose one with --aggregate")
-    predictions, failed = predict_records(served, inputs, readers, method, args.batch_size, sys.stderr.isatty())
+    if images is not None:  # one page per image: nothing to aggregate
+        method, skipped = "mean", []
+        predictions, failed = predict_images(served, images, args.batch_size, sys.stderr.isatty())
+    else:
+        inputs, skipped = find_inputs(args.inputs, readers)
+        predictions, failed = predict_records(served, inputs, readers, method, args.batch_size, sys.stderr.isatty())
     skipped = [*skipped, *failed]
     if not predictions:  # nothing to show: one error line (the list above it when there are several)
         if len(skipped) == 1:

@@ -17,8 +17,22 @@ from ecgfm.heads.base import Head, fill_missing, masked_mean, sigmoid_distillati
 from ecgfm.metrics import BinnedScores
 from ecgfm.registry import HEADS
 
-LOSSES = ("bce", "weighted_bce", "fbeta")
+LOSSES = ("bce", "weighted_bce", "fbeta", "recall")
 CRITERIA = ("f1", "balanced_accuracy")
+
+
+def recall_weighted_bce(logits: Tensor, target: Tensor, known: Tensor, threshold: Tensor) -> Tensor:
+    """The binary recall loss (Tian et al. 2021; EIANet's): each sample's BCE weighted by its class's error rate in
+    this batch at the current decision threshold, 1 - sensitivity for positives and 1 - specificity for negatives
+    (weights carry no gradient), summed over the labelled samples and divided by their number."""
+    with torch.no_grad():
+        called = logits > threshold
+        positive, negative = (target > 0.5) & known, (target <= 0.5) & known
+        miss_pos = (positive & ~called).sum() / positive.sum().clamp(min=1)
+        miss_neg = (negative & called).sum() / negative.sum().clamp(min=1)
+        weight = torch.where(target > 0.5, miss_pos, miss_neg).to(logits.dtype)
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    return masked_mean(weight * bce, known)
 
 
 def soft_fbeta(probs: Tensor, target: Tensor, weight: Tensor, beta: float = 1.0, eps: float = 1e-6) -> Tensor:
@@ -36,8 +50,9 @@ class BinaryHead(Head):
     """One logit for one binary label; missing labels are masked out of the loss and the metrics.
 
     Args:
-        loss: ``bce``; ``weighted_bce`` (positives weighted by ``pos_weight``); or ``fbeta``:
-            ``fbeta_mix * (1 - soft F-beta) + (1 - fbeta_mix) * BCE``, the soft F-beta taken over the batch.
+        loss: ``bce``; ``weighted_bce`` (positives weighted by ``pos_weight``); ``fbeta``:
+            ``fbeta_mix * (1 - soft F-beta) + (1 - fbeta_mix) * BCE``, the soft F-beta taken over the batch; or
+            ``recall``: EIANet's binary recall loss, BCE weighted per class by the batch's miss rate of that class.
         pos_weight: weight of positives in the BCE of ``weighted_bce`` (default ``"balanced"``) or of ``fbeta``
             (default 1): a float, or ``"balanced"`` = negatives / positives in the training split.
         beta: F-beta's beta; beta > 1 favours recall (sensitivity), beta < 1 precision.
@@ -57,7 +72,7 @@ class BinaryHead(Head):
         target: str | None = None,
         labels: list[str] | None = None,
         loss_weight: float = 1.0,
-        loss: Literal["bce", "weighted_bce", "fbeta"] = "bce",
+        loss: Literal["bce", "weighted_bce", "fbeta", "recall"] = "bce",
         pos_weight: float | str | None = None,
         beta: float = 1.0,
         fbeta_mix: float = 0.5,
@@ -74,8 +89,8 @@ class BinaryHead(Head):
             )
         if loss == "weighted_bce" and pos_weight is None:
             pos_weight = "balanced"
-        if pos_weight is not None and loss == "bce":
-            raise ValueError(f"head {name!r}: pos_weight needs loss 'weighted_bce' or 'fbeta', not 'bce'")
+        if pos_weight is not None and loss in ("bce", "recall"):
+            raise ValueError(f"head {name!r}: pos_weight needs loss 'weighted_bce' or 'fbeta', not {loss!r}")
         if isinstance(pos_weight, str) and pos_weight != "balanced":
             raise ValueError(f"head {name!r}: pos_weight must be a number or 'balanced', got {pos_weight!r}")
         if pos_weight is not None and not isinstance(pos_weight, str) and not pos_weight > 0:
@@ -117,6 +132,8 @@ class BinaryHead(Head):
         logits = output.float().reshape(-1)
         known = mask.reshape(-1)
         y = fill_missing(target.float(), mask).reshape(-1)
+        if self.loss_name == "recall":
+            return recall_weighted_bce(logits, y, known, self.threshold)
         pos_weight = self.pos_weight if self.pos_weight_value is not None else None
         bce = masked_mean(F.binary_cross_entropy_with_logits(logits, y, pos_weight=pos_weight, reduction="none"), known)
         if self.loss_name != "fbeta":
