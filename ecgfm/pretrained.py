@@ -332,7 +332,15 @@ class ECGModel(nn.Module):
         state = {
             key: value for key, value in checkpoint["state_dict"].items() if not key.startswith(TRAINING_ONLY_PREFIXES)
         }
+        peft = None
+        if stored.get("peft"):  # peft adapters only: the base weights come from their file, then the adapters merge
+            from ecgfm.finetune.peft import BackbonePeft
+
+            peft = BackbonePeft.build(stored["peft"], model.backbone)
+            peft.restore_base(state, model.adapter.adapt_state_dict, source=str(path))
         load_strict(model, state, path)
+        if peft is not None:
+            peft.merge()
         return model.eval()
 
     @classmethod
@@ -340,7 +348,9 @@ class ECGModel(nn.Module):
         """The published model of a FineTuneTask in memory (its contract and weights, copied)."""
         stored = task.contract()
         model = cls({key: stored[key] for key in ("backbone", "input", "adapter", "heads")}, card)
-        state = {k: v for k, v in task.state_dict().items() if not k.startswith(TRAINING_ONLY_PREFIXES)}
+        peft = getattr(task, "peft", None)  # peft adapters are folded into a copy of the backbone's weights
+        full = task.state_dict() if peft is None else peft.merged_state_dict(task.state_dict())
+        state = {k: v for k, v in full.items() if not k.startswith(TRAINING_ONLY_PREFIXES)}
         load_strict(model, state, f"the {type(task).__name__} in memory")
         return model.eval()
 

@@ -90,10 +90,16 @@ def publish_checkpoint(
     card: Mapping[str, Any] | None = None,
     metrics_file: str | Path | None = None,
     metrics_data: str = "held-out test split",
+    features_model: str | None = None,
 ) -> Path:
     """Write the checkpoint's model as a published folder; the card's training data is read from the checkpoint
-    unless ``card`` gives it, its metrics from ``metrics_file`` (a run's test ``metrics.csv``)."""
+    unless ``card`` gives it, its metrics from ``metrics_file`` (a run's test ``metrics.csv``).
+
+    Heads trained on a feature folder (backbone ``precomputed``) are published on ``features_model``, the model
+    ``ecgfm embed`` computed the features with (checked by sha256), so the published model reads signals.
+    """
     from ecgfm.checkpointing import read_lightning_checkpoint
+    from ecgfm.embeddings import heads_on_features_model, trained_on_features
 
     unknown = sorted(set(card or {}) - set(CARD_FIELDS))
     if unknown:
@@ -106,7 +112,22 @@ def publish_checkpoint(
         card["metrics"] = metrics_from_file(metrics_file, data=metrics_data)
     card.setdefault("source_checkpoint", f"{checkpoint_path.name} (sha256 {sha256sum(checkpoint_path)})")
     card = {key: value for key, value in card.items() if value is not None}
-    model = ECGModel.from_checkpoint(checkpoint_path, card)
+    if trained_on_features(checkpoint):
+        if features_model is None:
+            made_by = checkpoint["ecgfm"]["backbone"]["architecture"]
+            raise ValueError(
+                f"{checkpoint_path} holds heads trained on features of {made_by.get('model')!r} (sha256 "
+                f"{str(made_by.get('model_sha256'))[:12]}): publish them on that model with --features-model "
+                "NAME_OR_DIR (what `ecgfm embed --model` was given)"
+            )
+        model = heads_on_features_model(checkpoint, features_model, checkpoint_path, card)
+    elif features_model is not None:
+        raise ValueError(
+            f"{checkpoint_path} was not trained on features: --features-model applies only to heads "
+            "trained with backbone 'precomputed'"
+        )
+    else:
+        model = ECGModel.from_checkpoint(checkpoint_path, card)
     return model.save_pretrained(folder)
 
 

@@ -13,10 +13,20 @@ from torch import Tensor, nn
 from ecgfm.adapters import LeadDropout, create_adapter
 from ecgfm.backbones import create_backbone
 from ecgfm.backbones.config import ContractError, InputContract, ModelConfig
+from ecgfm.backbones.precomputed import check_feature_data
 from ecgfm.checkpointing import check_lightning_checkpoint
 from ecgfm.data.shards import MANIFEST_NAME, Manifest
 from ecgfm.evaluation.tables import SplitTables
 from ecgfm.finetune.distillation import Distiller
+from ecgfm.finetune.peft import BackbonePeft
+from ecgfm.finetune.schedule import (
+    BlockFreezer,
+    check_lr_structure,
+    cosine_with_warmup,
+    param_groups,
+    schedule_callbacks,
+    warmup_length,
+)
 from ecgfm.heads import Head, create_head
 from ecgfm.leads import STANDARD_LEADS, lead_indices, parse_leads
 from ecgfm.signal import create_preprocessing, to_millivolts
@@ -44,9 +54,18 @@ class FineTuneTask(L.LightningModule):
         preprocessing: name or ``{name: ..., **options}`` of the on-device preprocessing chain; None uses the
             backbone's own, from its model config (ECGFounder's chain for Net1D).
         finetune: ``full`` trains everything; ``linear_probe`` freezes the backbone (and the lead adapter) and trains
-            the heads.
+            the heads; ``lp_ft`` linear-probes for ``lp_epochs`` epochs, then trains everything (one run, resumable
+            in either phase; ``ecgfm.finetune.schedule``).
+        lp_epochs: epochs of linear probing of ``lp_ft``.
         lr, weight_decay: AdamW settings.
         backbone_lr_scale: the backbone's learning rate is ``lr * backbone_lr_scale`` (lower for pretrained weights).
+        layer_decay: layer-wise learning-rate decay over the backbone's blocks (its model config's ``blocks``): the
+            last block trains at ``lr * backbone_lr_scale``, each earlier one at ``layer_decay`` times the next;
+            backbone parameters in no block go with the first. None: one rate for the whole backbone.
+        warmup_steps: optimizer steps (or a fraction of the run, 0 < f < 1) of linear warm-up before the cosine.
+        unfreeze_schedule: gradual unfreezing from the top: ``{epoch: n}`` (from that epoch the last ``n`` blocks
+            train, ``all`` for every one) or ``[e1, e2, ...]`` (one more block at each); before the first epoch
+            listed only the heads train. Frozen blocks keep BatchNorm and dropout in eval mode.
         scheduler: ``cosine`` (over the whole run), ``plateau`` (on ``monitor``) or ``none``.
         monitor: metric the plateau scheduler follows, e.g. ``val/loss``.
         leads: the leads the model reads from the data, by name or subset (``["I"]``, ``"limb"``); None = the
@@ -67,6 +86,10 @@ class FineTuneTask(L.LightningModule):
         distill_weight: weight of each head's distillation loss in the training loss.
         distill_temperature: softmax/sigmoid temperature T of the distillation losses (scaled by T^2; not used by
             regression heads).
+        peft: parameter-efficient fine-tuning (``ecgfm.finetune.peft``, docs/peft.md): ``{method: lora | loha |
+            lokr, r: 8, alpha: 16, dropout: 0.0, target: [module names] or a regex}``; the target defaults to the
+            backbone family's layers. Only the adapters, heads and lead adapter train; checkpoints hold just those
+            plus the sha256 of ``pretrained``, the base weights they need and reload first.
     """
 
     def __init__(
@@ -76,10 +99,14 @@ class FineTuneTask(L.LightningModule):
         backbone_kwargs: dict[str, Any] | None = None,
         heads: list[Head | dict[str, Any]] | None = None,
         preprocessing: str | dict[str, Any] | None = None,
-        finetune: Literal["full", "linear_probe"] = "full",
+        finetune: Literal["full", "linear_probe", "lp_ft"] = "full",
+        lp_epochs: int = 0,
         lr: float = 1e-3,
         weight_decay: float = 1e-5,
         backbone_lr_scale: float = 1.0,
+        layer_decay: float | None = None,
+        warmup_steps: int | float = 0,
+        unfreeze_schedule: dict[int, int | Literal["all"]] | list[int] | None = None,
         scheduler: Literal["cosine", "plateau", "none"] = "cosine",
         monitor: str = "val/loss",
         leads: str | list[str] | None = None,
@@ -89,8 +116,15 @@ class FineTuneTask(L.LightningModule):
         teacher_cache: bool = False,
         distill_weight: float = 1.0,
         distill_temperature: float = 1.0,
+        peft: dict[str, Any] | None = None,
     ):
         super().__init__()
+        if peft and (finetune == "linear_probe" or not pretrained):
+            raise ValueError(
+                "peft trains adapters on pretrained backbone weights: it needs model.pretrained (the base weights "
+                f"file) and finetune other than linear_probe (got pretrained={pretrained!r}, finetune={finetune!r})"
+            )
+        self.block_freezer = BlockFreezer()  # which backbone blocks the unfreeze schedule (or LP-FT) holds frozen
         if teacher_cache and not teacher:
             raise ValueError("teacher_cache needs teacher: the checkpoint that the cached outputs came from")
         if not distill_temperature > 0 or not distill_weight >= 0:
@@ -107,6 +141,7 @@ class FineTuneTask(L.LightningModule):
 
         self.lead_dropout = LeadDropout(lead_dropout)
         self._build_input_side(create_backbone(backbone, **(backbone_kwargs or {})), leads, adapter, preprocessing)
+        check_lr_structure(self)
         self.heads = nn.ModuleDict({h.name: h for h in heads})
         for head in heads:
             if head.labels is not None:
@@ -139,6 +174,8 @@ class FineTuneTask(L.LightningModule):
         if self.hparams.finetune == "linear_probe":
             self.backbone.requires_grad_(False)
             self.adapter.requires_grad_(False)
+        # peft adapters go into the backbone's layers (after the lead adapter resized them) and freeze the rest of it
+        self.peft = BackbonePeft.build(self.hparams.get("peft"), self.backbone)
         self.preprocessing = create_preprocessing(
             native.input.preprocessing if preprocessing is None else preprocessing
         )
@@ -172,6 +209,7 @@ class FineTuneTask(L.LightningModule):
         self.hparams["adapter"] = self.adapter.config()
         self.hparams["preprocessing"] = self.preprocessing.config()
         self.hparams["heads"] = [h.config() for h in self.heads.values()]
+        self.hparams["peft"] = None if self.peft is None else self.peft.spec.to_dict()
 
     def contract(self) -> dict[str, Any]:
         """What every checkpoint stores in ``checkpoint["ecgfm"]`` and loading rebuilds the model from."""
@@ -184,6 +222,8 @@ class FineTuneTask(L.LightningModule):
         }
         if self.distiller is not None and self.distiller.info is not None:
             out["teacher"] = self.distiller.info  # provenance only: the student's weights never need the teacher
+        if self.peft is not None:
+            out["peft"] = self.peft.stored()  # the adapters and the base weights (file, sha256) they need
         return out
 
     def check_data(self, manifest: Manifest, source: str | Path) -> None:
@@ -192,6 +232,8 @@ class FineTuneTask(L.LightningModule):
         Raises:
             ContractError: one line naming the data (``source``) and the model.
         """
+        if check_feature_data(self.backbone, manifest, source):  # `ecgfm embed` features: size and model checked
+            return
         self.input_contract.check_data(
             manifest.fs,
             manifest.n_samples,
@@ -238,7 +280,10 @@ class FineTuneTask(L.LightningModule):
             self._fit_head_statistics(datamodule)
         if self.hparams.pretrained and not restoring and not self._pretrained_loaded:
             # weights in the backbone's native layout: the adapter folds e.g. a 12-lead first conv to k leads
-            self.backbone.load_pretrained(self.hparams.pretrained, state_filter=self.adapter.adapt_state_dict)
+            if self.peft is not None:  # into the layers under the adapters, recording the file's sha256
+                self.peft.load_base(self.hparams.pretrained, self.adapter.adapt_state_dict)
+            else:
+                self.backbone.load_pretrained(self.hparams.pretrained, state_filter=self.adapter.adapt_state_dict)
             self._pretrained_loaded = True
         if stage == "fit" and self.distiller is not None:
             specs = getattr(datamodule, "target_specs", {}) if datamodule is not None else {}
@@ -326,6 +371,11 @@ class FineTuneTask(L.LightningModule):
             self._heads_from(stored["heads"])
         if self.heads and all(h.is_built for h in self.heads.values()):
             self._build_metrics()
+        if self.peft is not None:  # the checkpoint holds the adapters: the base weights come from their file first
+            self.peft.base = (stored.get("peft") or {}).get("base")
+            source = str(self.trainer.ckpt_path) if self._trainer is not None and self.trainer.ckpt_path else None
+            state, pretrained = checkpoint["state_dict"], self.hparams.pretrained
+            self.peft.restore_base(state, self.adapter.adapt_state_dict, pretrained, source or "the checkpoint")
 
     def _heads_from(self, stored: dict[str, dict[str, Any]]) -> None:
         """The checkpoint's heads when the recipe names none; else the recipe's, which must be the checkpoint's."""
@@ -355,6 +405,9 @@ class FineTuneTask(L.LightningModule):
             differences.append(f"adapter {stored['adapter']} (recipe: {self.adapter.config()})")
         if chain != self.preprocessing.config():
             differences.append(f"preprocessing {chain} (recipe: {self.preprocessing.config()})")
+        peft = {k: v for k, v in (stored.get("peft") or {}).items() if k != "base"} or None
+        if peft != self.hparams.get("peft"):
+            differences.append(f"peft {peft} (recipe: {self.hparams.get('peft')})")
         if not differences:
             return
         if self._trainer is not None and self.trainer.strategy.restore_checkpoint_after_setup:
@@ -366,6 +419,7 @@ class FineTuneTask(L.LightningModule):
             f"using the checkpoint's model contract, which differs from the recipe's: {'; '.join(differences)}"
         )
         data_leads = self.data_leads
+        self.hparams["peft"] = peft
         self._build_input_side(create_backbone(backbone), contract["lead_names"], stored["adapter"], chain)
         self.use_data_leads(data_leads)
         for head in self.heads.values():
@@ -380,6 +434,9 @@ class FineTuneTask(L.LightningModule):
         if self.hparams.finetune == "linear_probe":
             self.backbone.eval()  # frozen: keep BatchNorm statistics and dropout fixed
             self.adapter.eval()
+        self.block_freezer.eval_frozen()  # blocks that the unfreeze schedule (or LP-FT's probe phase) holds frozen
+        if getattr(self, "peft", None) is not None:
+            self.peft.freeze_statistics()  # BatchNorm statistics belong to the frozen base weights
         return self
 
     def _require_heads(self) -> None:
@@ -391,6 +448,8 @@ class FineTuneTask(L.LightningModule):
 
     def on_fit_start(self) -> None:
         self._require_heads()
+        if self.peft is not None:  # how many parameters train, and their share: the point of peft
+            self.peft.report(self, self.loggers)
 
     def on_validation_start(self) -> None:
         self._require_heads()
@@ -402,8 +461,9 @@ class FineTuneTask(L.LightningModule):
         self._require_heads()
 
     def configure_callbacks(self) -> list[L.Callback]:
-        """The per-split tables (per-label AUROC, per-lab errors, ...) go to CSV files after each evaluation."""
-        return [SplitTables()]
+        """The per-split tables (per-label AUROC, per-lab errors, ...) go to CSV files after each evaluation; an
+        unfreeze schedule or LP-FT freezes and unfreezes backbone blocks by epoch."""
+        return [SplitTables(), *schedule_callbacks(self)]
 
     # ----------------------------------------------------------------- forward
     def prepare_signal(self, signal: Tensor, lead_mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -413,6 +473,8 @@ class FineTuneTask(L.LightningModule):
         masked, so for zero_fill this equals preprocessing the zero-filled leads, at k/12 of the cost, and a learned
         adapter's output (missing-lead embedding, projection) is not zeroed by the masked z-score.
         """
+        if getattr(self.backbone, "reads_features", False):  # `ecgfm embed` features [B, D]: no leads, no filters
+            return signal, lead_mask
         if (
             signal.dim() != 3
             or signal.shape[1] != len(self.data_leads)
@@ -525,11 +587,7 @@ class FineTuneTask(L.LightningModule):
     # ----------------------------------------------------------------- optimisation
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        new_params = [*self.heads.parameters(), *self.adapter.parameters()]
-        groups = [{"params": [p for p in new_params if p.requires_grad], "lr": hp.lr}]
-        backbone_params = [p for p in self.backbone.parameters() if p.requires_grad]
-        if backbone_params:
-            groups.append({"params": backbone_params, "lr": hp.lr * hp.backbone_lr_scale})
+        groups = param_groups(self)  # per block with layer_decay; blocks a schedule freezes are in them from the start
         optimizer = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay)
         if hp.scheduler == "none":
             return {"optimizer": optimizer}
@@ -538,11 +596,22 @@ class FineTuneTask(L.LightningModule):
             scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode=mode, factor=0.5, patience=2)
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": hp.monitor}}
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+        scheduler = cosine_with_warmup(optimizer, total, warmup_length(hp.get("warmup_steps", 0), total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["ecgfm"] = self.contract()
+        if self.peft is not None:  # adapters, heads, lead adapter: the frozen base weights stay in their file
+            checkpoint["state_dict"] = self.peft.strip(checkpoint["state_dict"])
+
+    def merge_peft(self) -> FineTuneTask:
+        """Fold the peft adapters into the backbone's weights (peft's ``merge_and_unload``), in place: a plain model
+        from then on, with the same outputs, whose checkpoints hold every weight (publishing merges on its own)."""
+        if self.peft is not None:
+            self.peft.merge()
+            self.peft = None
+            self.hparams["peft"] = None
+        return self
 
     def save_pretrained(self, folder: str | Path, card: dict[str, Any] | None = None) -> Path:
         """Publish this model as a folder (``config.yaml`` + ``model.safetensors`` + ``labels.json`` + ``card.md``)

@@ -27,10 +27,10 @@ from ecgfm.tasks import FineTuneTask
 # ------------------------------------------------------------------------------------------------ every registered name
 
 
-def test_the_five_kinds_share_one_registry_with_one_wording():
-    assert set(REGISTRIES) == {"backbones", "heads", "adapters", "preprocessing", "sources"}
+def test_every_kind_shares_one_registry_with_one_wording():
+    assert set(REGISTRIES) == {"backbones", "heads", "adapters", "preprocessing", "image-preprocessing", "sources"}
     for registry in REGISTRIES.values():
-        assert len(registry) >= 3
+        assert len(registry) >= 2
         with pytest.raises(UnknownNameError, match=rf"unknown {registry.kind} {registry.key} 'nope'; known: "):
             registry.create({registry.key: "nope"})
     with pytest.raises(UnknownNameError, match="preprocessing 'zscore' has no option 'per_leads'; its options: eps"):
@@ -39,7 +39,8 @@ def test_the_five_kinds_share_one_registry_with_one_wording():
         BACKBONES.register("net1d-tiny")(lambda **kwargs: None)
 
 
-@pytest.mark.parametrize("name", BACKBONES.names())
+# `precomputed` reads features, not signals: it has no convolution and needs a feature folder (tests/test_embed.py)
+@pytest.mark.parametrize("name", [n for n in BACKBONES.names() if not getattr(BACKBONES.get(n), "reads_features", 0)])
 def test_every_backbone_builds_names_its_layers_and_rebuilds_from_its_config(name):
     model = create_backbone(name)
     config = model.model_config

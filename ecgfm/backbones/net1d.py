@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -59,8 +59,30 @@ class Swish(nn.Module):
         return x * torch.sigmoid(x)
 
 
+class DropPath(nn.Module):
+    """Stochastic depth: in training, zero a residual branch per sample with probability ``p`` and scale the kept
+    ones by ``1 / (1 - p)``, so that eval needs no rescaling (Huang et al. 2016; timm's ``DropPath``)."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = float(p)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+    def extra_repr(self) -> str:
+        return f"p={self.p:g}"
+
+
 class BasicBlock(nn.Module):
-    """Pre-activation bottleneck (1x1, grouped kxk, 1x1) with squeeze-excitation and a padded identity."""
+    """Pre-activation bottleneck (1x1, grouped kxk, 1x1) with squeeze-excitation and a padded identity.
+
+    ``drop_path`` > 0 adds stochastic depth on the residual branch (no module at 0, so ECGFounder's stays as it is).
+    """
 
     def __init__(
         self,
@@ -74,6 +96,7 @@ class BasicBlock(nn.Module):
         is_first_block: bool = False,
         use_bn: bool = True,
         use_do: bool = True,
+        drop_path: float = 0.0,
     ):
         super().__init__()
         self.in_channels = in_channels
@@ -105,6 +128,7 @@ class BasicBlock(nn.Module):
 
         if downsample:
             self.max_pool = MyMaxPool1dPadSame(kernel_size=stride)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else None
 
     def _pre(self, x: Tensor, bn: nn.Module, act: nn.Module, do: nn.Module) -> Tensor:
         if self.use_bn:
@@ -121,6 +145,8 @@ class BasicBlock(nn.Module):
 
         se = self.se_fc2(self.se_activation(self.se_fc1(out.mean(-1))))
         out = out * torch.sigmoid(se).unsqueeze(-1)
+        if self.drop_path is not None:
+            out = self.drop_path(out)
 
         if self.downsample:
             identity = self.max_pool(identity)
@@ -132,7 +158,10 @@ class BasicBlock(nn.Module):
 
 
 class BasicStage(nn.Module):
-    """A run of blocks; the first one downsamples (stride) and changes the channel count."""
+    """A run of blocks; the first one downsamples (stride) and changes the channel count.
+
+    ``drop_path`` holds each block's stochastic-depth rate (one number: the same for all).
+    """
 
     def __init__(
         self,
@@ -146,8 +175,12 @@ class BasicStage(nn.Module):
         m_blocks: int,
         use_bn: bool = True,
         use_do: bool = True,
+        drop_path: float | Sequence[float] = 0.0,
     ):
         super().__init__()
+        rates = [float(drop_path)] * m_blocks if isinstance(drop_path, (int, float)) else list(drop_path)
+        if len(rates) != m_blocks:
+            raise ValueError(f"drop_path has {len(rates)} rates for {m_blocks} blocks")
         self.block_list = nn.ModuleList(
             BasicBlock(
                 in_channels=in_channels if i_block == 0 else out_channels,
@@ -160,6 +193,7 @@ class BasicStage(nn.Module):
                 is_first_block=i_stage == 0 and i_block == 0,
                 use_bn=use_bn,
                 use_do=use_do,
+                drop_path=rates[i_block],
             )
             for i_block in range(m_blocks)
         )
@@ -174,7 +208,8 @@ class Net1D(nn.Module):
     """ECGFounder's backbone. ``forward`` gives logits, ``forward_features`` the time-averaged features.
 
     The argument names are ECGFounder's, so its constructor calls work unchanged. A registered Net1D (built by
-    ``create_backbone``) also carries its ``model_config``.
+    ``create_backbone``) also carries its ``model_config``. ``drop_path`` (not ECGFounder's; default 0, off) is the
+    stochastic-depth rate of the last block, rising linearly from 0 at the first block over all blocks.
     """
 
     def __init__(
@@ -190,10 +225,15 @@ class Net1D(nn.Module):
         n_classes: int = 150,
         use_bn: bool = False,
         use_do: bool = False,
+        drop_path: float = 0.0,
     ):
         super().__init__()
         if len(filter_list) != len(m_blocks_list):
             raise ValueError(f"filter_list {filter_list} and m_blocks_list {m_blocks_list} differ in length")
+        if not 0.0 <= drop_path < 1.0:
+            raise ValueError(f"drop_path must be in [0, 1), got {drop_path}")
+        n_blocks = sum(m_blocks_list)
+        rates = [drop_path * i / max(1, n_blocks - 1) for i in range(n_blocks)]  # linear over depth, 0 first
         self.use_bn = use_bn
         self.first_conv = MyConv1dPadSame(in_channels, base_filters, kernel_size=kernel_size, stride=2)
         self.first_bn = nn.BatchNorm1d(base_filters)
@@ -213,6 +253,7 @@ class Net1D(nn.Module):
                     m_blocks=m_blocks,
                     use_bn=use_bn,
                     use_do=use_do,
+                    drop_path=rates[sum(m_blocks_list[:i_stage]) : sum(m_blocks_list[: i_stage + 1])],
                 )
             )
             channels = out_channels
@@ -317,15 +358,20 @@ def build_net1d(default: ModelConfig, input: InputContract | Mapping[str, Any] |
     """A Net1D from its registered config, with architecture ``options`` and an ``input`` contract changed.
 
     ``lead_names=("I",)`` is a shortcut for an input contract with those leads (and as many input channels).
+    ``drop_path`` (stochastic depth) enters the model config only when it is not 0, so that configs stored before
+    the option existed rebuild exactly.
     """
     contract = default.input if input is None else input
     if isinstance(contract, Mapping):
         contract = InputContract.from_dict(contract)
     lead_names = options.pop("lead_names", None)
+    drop_path = float(options.pop("drop_path", 0.0))
     if lead_names is not None:
         contract = dataclasses.replace(contract, lead_names=parse_leads(lead_names))
     options.setdefault("in_channels", len(contract.lead_names))  # one input channel per lead unless told
     config = default.with_options(contract, **options)
+    if drop_path:
+        config = config.replace(architecture={**config.architecture, "drop_path": drop_path})
     arch = config.architecture
     if arch["in_channels"] != len(config.input.lead_names):
         raise ContractError(
@@ -370,4 +416,4 @@ def net1d_tiny(input: InputContract | None = None, **options: Any) -> Net1D:
 
 
 for _factory in (ecgfounder_12lead, ecgfounder_1lead, net1d_small, net1d_tiny):
-    _factory.options = (*NET1D_ARCHITECTURE, "lead_names", "input")  # what `ecgfm list backbones` shows
+    _factory.options = (*NET1D_ARCHITECTURE, "drop_path", "lead_names", "input")  # what `ecgfm list backbones` shows

@@ -51,6 +51,8 @@ def backbone_summary(registry: Registry, name: str) -> str:
     the input contract and size of a registered backbone, built on torch's meta device (no memory, no weights)."""
     import torch
 
+    if getattr(registry.get(name), "reads_features", False):  # `precomputed`: its size comes from a feature folder
+        return "reads float16 features [batch, D] that `ecgfm embed` computed with another model; 0 parameters"
     with torch.device("meta"):
         model = registry.create(name)
     contract = model.model_config.input

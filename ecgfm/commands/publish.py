@@ -37,6 +37,12 @@ def publish_parser() -> argparse.ArgumentParser:
         help='smaller lead sets the model was validated on, each comma-separated or a subset name ("I", "limb", '
         '"I,II"): `ecgfm predict` zero-fills and masks the other leads only for records holding one of these',
     )
+    parser.add_argument(
+        "--features-model",
+        metavar="NAME_OR_DIR",
+        help="for heads trained on a feature folder (backbone precomputed): the model `ecgfm embed` used; the "
+        "published model is that model with these heads, and reads signals",
+    )
     parser.add_argument("--hub", metavar="REPO", help="also write README.md with Hugging Face metadata for REPO")
     parser.add_argument("--upload", action="store_true", help="upload the folder to --hub REPO (needs the network)")
     return parser
@@ -61,7 +67,7 @@ def run(argv: list[str]) -> int:
     if args.lead_subsets:
         card["lead_subsets"] = [list(parse_leads(text)) for text in args.lead_subsets]
     card = {key: value for key, value in card.items() if value is not None}
-    publish_checkpoint(args.checkpoint, folder, card, args.metrics, args.metrics_data)
+    publish_checkpoint(args.checkpoint, folder, card, args.metrics, args.metrics_data, args.features_model)
     for name in sorted(p.name for p in folder.iterdir() if p.is_file()):
         print(f"wrote {folder / name}")
     if args.hub:

@@ -65,6 +65,7 @@ class ShardLoader(DataLoader):
         if ring is None or not self.persistent_workers:
             slots = (self.prefetch_factor or 2) + 2
             shape = (self.num_workers, slots, self.batch_size, *dataset.signal_shape())
-            ring = torch.zeros(shape, dtype=torch.int16).share_memory_()  # pages are allocated here, once
+            dtype = getattr(dataset, "signal_dtype", torch.int16)  # float16 in a feature folder (`ecgfm embed`)
+            ring = torch.zeros(shape, dtype=dtype).share_memory_()  # pages are allocated here, once
             dataset.ring = ring  # travels to the workers with the dataset when they start
         return ring
