@@ -5,7 +5,7 @@ Leads are always chosen by name, never by index.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 #: ECGFounder's lead order; every signal tensor in ecgfm uses it.
 STANDARD_LEADS: tuple[str, ...] = ("I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6")
@@ -43,16 +43,72 @@ _ALIASES.update(
 )
 
 
+#: Monitoring leads named after the standard lead they approximate (MIT-BIH's ``MLII``: modified lead II, electrodes
+#: on the torso instead of the limbs). Their waveforms differ from the standard leads, so they are never mapped by
+#: default: a user opts in with ``lead_aliases: modified`` (all of these) or ``lead_aliases: {MLII: II}``.
+MODIFIED_LEADS: dict[str, str] = {
+    "MLI": "I",
+    "MLII": "II",
+    "MLIII": "III",
+    **{f"MV{k}": f"V{k}" for k in range(1, 7)},
+}
+
+
 class LeadError(ValueError):
     """A lead name that cannot be mapped, or a lead named twice."""
 
 
-def canonical_lead(name: str) -> str | None:
-    """Return the canonical spelling of a lead name (``"AVR"`` -> ``"aVR"``), or None if it is not a standard lead."""
-    key = name.strip().lower().replace(" ", "")
+def _lead_key(name: str) -> str:
+    """A lead name compared without case, spaces or a leading ``lead`` (``"Lead I"``, ``"lead_i"`` -> ``"i"``)."""
+    text = name.strip().lower()
+    key = text.replace(" ", "")
     if key.startswith("lead"):
-        key = key[4:].lstrip("_-")
+        inverted = text[4:].startswith((" -", "\t-"))  # "Lead -aVR" (DICOM, Cabrera): the inverted lead, not aVR
+        key = key[4:].lstrip("_") if inverted else key[4:].lstrip("_-")
+    return key
+
+
+def canonical_lead(name: str, aliases: Mapping[str, str] | None = None) -> str | None:
+    """Return the canonical spelling of a lead name (``"AVR"`` -> ``"aVR"``), or None if it is not a standard lead.
+
+    ``aliases`` (from :func:`lead_aliases`) are the user's extra names, looked up before the built-in ones.
+    """
+    key = _lead_key(name)
+    if aliases and key in aliases:
+        return aliases[key]
     return _ALIASES.get(key)
+
+
+def lead_aliases(spec: Mapping[str, str] | Iterable[str] | str | None) -> dict[str, str]:
+    """A user's lead-alias table, checked once: ``{MLII: II}``, ``"MLII=II,MV1=V1"``, ``["MLII=II"]`` or
+    ``"modified"`` (every entry of :data:`MODIFIED_LEADS`) -> ``{normalised name: canonical lead}``.
+
+    Raises:
+        LeadError: an entry that is not ``NAME=LEAD`` or whose target is not one of the 12 standard leads.
+    """
+    if spec is None:
+        return {}
+    if isinstance(spec, str):
+        spec = [part for part in spec.split(",") if part.strip()]
+    if not isinstance(spec, Mapping):
+        pairs: dict[str, str] = {}
+        for item in spec:
+            item = str(item).strip()
+            if item.lower() == "modified":
+                pairs.update(MODIFIED_LEADS)
+                continue
+            name, sep, lead = item.partition("=")
+            if not sep or not name.strip() or not lead.strip():
+                raise LeadError(f"lead alias {item!r}: expected NAME=LEAD (MLII=II) or 'modified'")
+            pairs[name.strip()] = lead.strip()
+        spec = pairs
+    table: dict[str, str] = {}
+    for name, lead in spec.items():
+        target = canonical_lead(str(lead))
+        if target is None:
+            raise LeadError(f"lead alias {name}={lead}: {lead!r} is not one of {', '.join(STANDARD_LEADS)}")
+        table[_lead_key(str(name))] = target
+    return table
 
 
 def parse_leads(names: str | Iterable[str]) -> tuple[str, ...]:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
-PAGES = ("extending.md", "model-config.md", "publish.md")
+PAGES = ("extending.md", "model-config.md", "publish.md", "evaluation.md")
 
 
 def python_blocks(page: str) -> list[str]:

@@ -9,6 +9,9 @@ def test_aliases_map_to_canonical_names():
     assert canonical_lead("AVR") == "aVR" and canonical_lead("avl") == "aVL" and canonical_lead("aVF") == "aVF"
     assert canonical_lead("i") == "I" and canonical_lead("Lead II") == "II" and canonical_lead("v6") == "V6"
     assert canonical_lead("vx") is None
+    assert canonical_lead("lead-I") == "I" and canonical_lead("lead_aVL") == "aVL"
+    # an inverted lead is not the lead: "Lead -aVR" (Cabrera display, DICOM) must never be stored as aVR
+    assert canonical_lead("Lead -aVR") is None and canonical_lead("-aVR") is None
 
 
 def test_subsets_by_name_any_order_and_case():

@@ -276,7 +276,7 @@ from ecgfm.registry import SOURCES
 
 record = SOURCES.create("wfdb").read(sys.argv[2])
 assert record.signal.shape == (15, 38400), record.signal.shape
-assert SOURCES.names() == ["arrays", "challenge", "ptbxl", "wfdb"]
+assert {"arrays", "challenge", "ptbxl", "wfdb"} <= set(SOURCES.names())
 
 
 from ecgfm.commands import main

@@ -121,10 +121,16 @@ def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
 def load_strict(
     model: nn.Module, state: dict[str, Tensor], source: str | Path, allow_missing: Iterable[str] = ()
 ) -> None:
-    """Load ``state`` into ``model``; any missing, unexpected or mis-shaped key fails with the keys named."""
+    """Load ``state`` into ``model``; any missing, unexpected or mis-shaped key fails with the keys named. Buffers a
+    module lists in ``added_buffers`` (newer than some saved models; the module fills them in) may be missing."""
     allow_missing = tuple(allow_missing)
     own = model.state_dict()
-    missing = [k for k in own if k not in state and not k.startswith(allow_missing)]
+    added = {
+        f"{prefix}.{name}" if prefix else name
+        for prefix, module in model.named_modules()
+        for name in getattr(module, "added_buffers", {})
+    }
+    missing = [k for k in own if k not in state and k not in added and not k.startswith(allow_missing)]
     unexpected = [k for k in state if k not in own]
     mismatched = [
         f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"

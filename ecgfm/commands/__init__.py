@@ -17,6 +17,8 @@ COMMANDS = {
     "bench": "bench",
     "subsets": "subsets",
     "distill-cache": "distill_cache",
+    "embed": "embed",
+    "report": "report",
     "quickstart": "quickstart",
     "list": "list",
     "recipes": "recipes",
@@ -41,9 +43,14 @@ commands:
   bench metrics                     multi-label metrics, 1,200 labels x 1,000,000 samples: memory, time, torchmetrics
   bench distillation                lead-I students with and without a 12-lead teacher, synthetic potassium: test MAE
   bench infer                       one prediction's latency and throughput: eager vs TorchScript vs ONNX Runtime
+  bench embed                       seconds per epoch: linear probe through the backbone vs heads on stored features
+  bench train                       training samples/s of ecgfm fit vs a plain PyTorch loop, same model and data
   subsets                           evaluate a checkpoint on lead subsets (12, limb, I+II, I, II): one table
   distill-cache                     store a teacher checkpoint's outputs in the shards, for distillation
-  quickstart                        convert the bundled LUDB recordings, fine-tune, and evaluate
+  embed --model M --data D --out F  store a model's features of every segment, to train heads on them directly
+  report --model M --data D         one folder per model: metrics with 95 % CIs per record, thresholds, calibration,
+                                    subgroups, saliency (report.html, report.md, metrics.json)
+  quickstart                        convert the bundled LUDB recordings, fine-tune, report test AUROCs with 95 % CIs
   list [KIND]                       registered backbones, heads, adapters, preprocessing chains, sources
   recipes list | show | copy        the shipped recipes: list them, print one, copy one to edit
   predict --model NAME_OR_DIR RECORD...   run a published or zoo model on raw records (WFDB, .mat, arrays)

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from ecgfm.data.label_table import LabelTable
+from ecgfm.data.label_table import MISSING_MARKERS, LabelTable, parse_number
 from ecgfm.data.provenance import describe_changes, display_name, file_stamp, record_files, shared_files, stamp_files
 from ecgfm.data.shards import Manifest, ShardWriter, TargetSpec, check_shard, to_int16_microvolts
 from ecgfm.data.sources import Record, RecordError
@@ -165,6 +165,8 @@ class ShardJob:
     settings: dict[str, Any] = field(default_factory=dict)  # what the fingerprint is made of, kept to name a change
     labels: dict[str, Any] | None = None  # the label table's path and stamp (size, mtime_ns, sha256)
     common: dict[str, Any] = field(default_factory=dict)  # stamps of the files every record depends on
+    metadata: dict[str, str] = field(default_factory=dict)  # metadata name -> kind (number | string)
+    table_metadata: list[str] = field(default_factory=list)  # the metadata names read from the label table
 
     @property
     def shard_path(self) -> Path:
@@ -200,7 +202,9 @@ def _convert_shard(job: ShardJob) -> dict[str, Any]:
     if done is not None:
         return {**done, "reused": True}
     reader = _reader_for(job)
-    writer = ShardWriter(job.shard_path, job.targets, fs=STANDARD_FS, n_samples=STANDARD_N_SAMPLES)
+    writer = ShardWriter(
+        job.shard_path, job.targets, fs=STANDARD_FS, n_samples=STANDARD_N_SAMPLES, metadata=job.metadata
+    )
     result: dict[str, Any] = {"fingerprint": job.fingerprint, "records": [str(p) for p in job.paths]}
     result.update(records_read=0, skipped=[], warnings=[], matched_rows=[])
     try:
@@ -210,6 +214,7 @@ def _convert_shard(job: ShardJob) -> dict[str, Any]:
                 result["skipped"].append((str(path), item.error))
                 continue
             record = item.record
+            row = None
             if job.table is not None:
                 key, row = job.table.lookup(record, job.source)
                 if row is None:
@@ -224,12 +229,14 @@ def _convert_shard(job: ShardJob) -> dict[str, Any]:
                 patient = record.patient_id
             result["records_read"] += 1
             result["warnings"].extend((str(path), w) for w in item.warnings)
+            metadata, metadata_warnings = record_metadata(job, record, row)
+            result["warnings"].extend((str(path), w) for w in metadata_warnings)
             for start, valid in item.pieces:
                 piece = item.signal[:, start : start + valid]
                 if valid < STANDARD_N_SAMPLES:
                     piece = np.pad(piece, ((0, 0), (0, STANDARD_N_SAMPLES - valid)))
                 writer.append(
-                    piece, item.lead_mask, record.record_id, patient or record.record_id, start, values, valid
+                    piece, item.lead_mask, record.record_id, patient or record.record_id, start, values, valid, metadata
                 )
         result["n_segments"] = len(writer)
         writer.close()
@@ -299,6 +306,7 @@ def convert(
     records_per_shard: int = 1024,
     stride: int | None = None,
     last_piece: str = "drop",
+    metadata: list[str] | str | None = None,
     workers: int = 0,
     progress: bool = True,
 ) -> ConversionSummary:
@@ -332,6 +340,10 @@ def convert(
         stride: samples between segment starts, at least 1 (default 5000: no overlap).
         last_piece: ``drop`` a record's tail shorter than 10 s, or ``pad`` it with zeros (``/valid_samples``
             says how much is real; a record shorter than 10 s then gives one padded segment).
+        metadata: per-segment metadata to store for evaluation by subgroup (``/metadata/<name>``), as a list or
+            ``"Age,Sex"``: a label-table column of that name, else the reader's own field (``age``, ``sex`` from
+            WFDB and Challenge headers). A column whose cells are mostly numbers is stored as float (``>89`` as
+            89, other text as missing, listed in warnings.csv), any other as text; ``age`` from a reader is a number.
         workers: processes converting shards in parallel (0 = in this process).
     """
     plan = plan_conversion(
@@ -353,6 +365,7 @@ def convert(
         records_per_shard=records_per_shard,
         stride=stride,
         last_piece=last_piece,
+        metadata=metadata,
     )
     return write_conversion_report(plan, run_conversion(plan, workers, progress))
 
@@ -370,6 +383,7 @@ class ConversionPlan:
     targets: dict[str, TargetSpec]
     fingerprint: str  # sha256 of every setting that changes a shard: a finished shard is reused only if it matches
     jobs: list[ShardJob]
+    metadata: dict[str, dict[str, str]] = field(default_factory=dict)  # name -> {"kind", "source"}: the manifest's
 
     @property
     def n_records(self) -> int:
@@ -395,6 +409,7 @@ def plan_conversion(
     records_per_shard: int = 1024,
     stride: int | None = None,
     last_piece: str = "drop",
+    metadata: list[str] | str | None = None,
 ) -> ConversionPlan:
     """Find the records, read the label table and cut the sorted record list into shard jobs; writes nothing.
 
@@ -432,6 +447,7 @@ def plan_conversion(
             labels, record_column, patient_column, *columns, time_column, max_hours, decimal, separator
         )
     targets = table.targets if table is not None else source_reader.target_specs(paths)
+    metadata_plan = plan_metadata(metadata, table, labels)
     settings = {
         "source": str(source),
         "reader": reader,
@@ -445,9 +461,15 @@ def plan_conversion(
         "last_piece": last_piece,
         "records_per_shard": records_per_shard,
     }
+    if metadata_plan:  # only then: folders converted without metadata keep their fingerprint (and are reused)
+        settings["metadata"] = metadata_plan
     fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
     shared = dict(source=source, out=out, reader=reader, options=options, table=table, targets=targets)
     shared.update(patient_column=patient_column, stride=stride, last_piece=last_piece, fingerprint=fingerprint)
+    shared.update(
+        metadata={name: spec["kind"] for name, spec in metadata_plan.items()},
+        table_metadata=[name for name, spec in metadata_plan.items() if spec["source"].startswith("label table")],
+    )
     same_folder = source.is_dir() and out.is_dir() and os.path.samefile(out, source)  # the outputs are no input
     exclude = [*([Path(labels)] if labels else []), *(out.iterdir() if same_folder else [])]
     common = stamp_files(shared_files(source, paths, options, exclude), source)
@@ -456,7 +478,76 @@ def plan_conversion(
         ShardJob(index=k, paths=paths[start : start + records_per_shard], **shared)
         for k, start in enumerate(range(0, len(paths), records_per_shard))
     ]
-    return ConversionPlan(source, out, reader, options, settings["labels"], table, targets, fingerprint, jobs)
+    plan = ConversionPlan(source, out, reader, options, settings["labels"], table, targets, fingerprint, jobs)
+    plan.metadata = metadata_plan
+    return plan
+
+
+#: Leading comparators of an open-ended number (LUDB's age ``>89``): the number is stored as the bound.
+_OPEN_BOUND = (">=", "<=", ">", "<", "≥", "≤")
+
+
+def metadata_number(value: Any, decimal: str = ".") -> tuple[float, str | None]:
+    """``(value, problem)`` of a numeric metadata cell: NaN without a problem when empty; ``>89`` -> 89.0 (an
+    open-ended bound keeps the band it belongs to); text that is not a number -> NaN and what is wrong."""
+    if value is None or isinstance(value, (int, float, np.integer, np.floating)):
+        number = math.nan if value is None else float(value)
+        return (number, None) if math.isfinite(number) or math.isnan(number) else (math.nan, f"{value!r} is infinite")
+    text = str(value).strip()
+    for mark in _OPEN_BOUND:
+        if text.startswith(mark):
+            text = text[len(mark) :].strip()
+            break
+    return parse_number(text, decimal)
+
+
+def plan_metadata(
+    names: list[str] | str | None, table: LabelTable | None, labels: str | Path | None
+) -> dict[str, dict[str, str]]:
+    """``{name: {"kind", "source"}}`` of the metadata to store: a label-table column where the table has one (a
+    number when most of its non-empty cells are numbers), else the reader's own field (``age`` a number)."""
+    if isinstance(names, str):
+        names = names.split(",")
+    names = [str(name).strip() for name in names or [] if str(name).strip()]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"metadata lists {repeated} more than once")
+    columns = set(next(iter(table.rows.values()), {})) if table is not None else set()
+    out: dict[str, dict[str, str]] = {}
+    for name in names:
+        if "/" in name:
+            raise ValueError(f"metadata name {name!r} cannot hold '/' (it names the dataset /metadata/<name>)")
+        if name in columns:
+            cells = [str(row[name]).strip() for row in table.rows.values()]
+            filled = [cell for cell in cells if cell and cell.casefold() not in MISSING_MARKERS]
+            numbers = sum(metadata_number(cell, table.decimal)[1] is None for cell in filled)
+            kind = "number" if filled and 2 * numbers > len(filled) else "string"
+            out[name] = {"kind": kind, "source": f"label table {labels} column {name!r}"}
+        else:
+            kind = "number" if name.casefold() == "age" else "string"
+            out[name] = {"kind": kind, "source": f"the reader's {name!r} field"}
+    return out
+
+
+def record_metadata(job: ShardJob, record: Record, row: dict[str, Any] | None) -> tuple[dict[str, Any], list[str]]:
+    """``(values, warnings)``: each metadata value of one record, from its label-table row or the reader's fields;
+    a numeric cell that is not a number is stored as missing and named in a warning."""
+    values: dict[str, Any] = {}
+    warnings: list[str] = []
+    fields = {str(key).casefold(): value for key, value in (record.metadata or {}).items()}
+    for name, kind in job.metadata.items():
+        if name in job.table_metadata:
+            raw = row.get(name) if row is not None else None
+        else:
+            raw = (record.metadata or {}).get(name, fields.get(name.casefold()))
+        if kind == "number":
+            number, problem = metadata_number(raw, job.table.decimal if job.table is not None else ".")
+            if problem is not None:
+                warnings.append(f"metadata {name!r}: {problem}; stored as missing")
+            values[name] = number
+        else:
+            values[name] = "" if raw is None else " ".join(str(raw).split())
+    return values, warnings
 
 
 def _check_out(out: Path) -> None:
@@ -503,7 +594,9 @@ def write_conversion_report(plan: ConversionPlan, results: dict[int, dict[str, A
     """Gather the shards' sidecars into patient_keys.npy, skipped.csv, warnings.csv and, last, manifest.json."""
     summary = ConversionSummary(out_dir=plan.out)
     manifest = Manifest(
-        targets=plan.targets, source={"path": str(plan.source), "reader": plan.reader, "labels": plan.labels}
+        targets=plan.targets,
+        source={"path": str(plan.source), "reader": plan.reader, "labels": plan.labels},
+        metadata=dict(plan.metadata),
     )
     matched: set[str] = set()
     for index in range(len(plan.jobs)):

@@ -12,6 +12,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
+import h5py
 import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate, get_worker_info
@@ -22,17 +23,18 @@ from ecgfm.data.shards import ShardError, TargetSummary, open_shard
 
 
 class _OpenShard:
-    """One shard opened in one process: a file descriptor on its contiguous ``/signal`` and its small arrays."""
+    """One shard opened in one process: a file descriptor on its contiguous ``/signal`` (or, in a feature folder,
+    ``/features``) and its small arrays."""
 
-    def __init__(self, path: Path, targets: list[str]):
+    def __init__(self, path: Path, targets: list[str], key: str = "signal"):
         self.path = path
         self.fd: int | None = None
         self.loaded: np.ndarray | None = None
         try:
             with open_shard(path) as f:
-                dset = f["signal"]
+                dset = f[key]
                 self.shape = dset.shape
-                self.row_bytes = int(np.prod(dset.shape[1:])) * 2
+                self.row_bytes = int(np.prod(dset.shape[1:])) * dset.dtype.itemsize
                 offset = dset.id.get_offset() if dset.chunks is None and dset.compression is None else None
                 if offset is None or dset.shape[0] == 0:  # chunked (older writer) or compressed: via h5py
                     self.loaded = dset[:]
@@ -103,9 +105,14 @@ class ShardDataset(Dataset):
         self.ring: torch.Tensor | None = None  # set by ShardLoader: [workers, slots, batch, leads, samples]
         self._next_slot = 0
 
-    def signal_shape(self) -> tuple[int, int]:
-        """(leads, samples) of one segment."""
-        return len(self.manifest.lead_names), int(self.manifest.n_samples)
+    def signal_shape(self) -> tuple[int, ...]:
+        """(leads, samples) of one segment; (feature size,) in a feature folder (``ecgfm embed``)."""
+        return self.manifest.row_shape
+
+    @property
+    def signal_dtype(self) -> torch.dtype:
+        """What a batch's ``signal`` holds: int16 µV, or float16 features in a feature folder."""
+        return torch.float16 if self.manifest.features else torch.int16
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -116,7 +123,8 @@ class ShardDataset(Dataset):
         if number in self._open:
             self._open.move_to_end(number)
         else:
-            self._open[number] = _OpenShard(self.root / self.manifest.shards[number]["path"], self.targets)
+            path = self.root / self.manifest.shards[number]["path"]
+            self._open[number] = _OpenShard(path, self.targets, self.manifest.data_key)
             if len(self._open) > self.max_open_shards:
                 self._open.popitem(last=False)
         return self._open[number]
@@ -141,7 +149,7 @@ class ShardDataset(Dataset):
             signal = ring[worker.id, slot, :n].numpy()
             signal_out = SlotRef(worker.id, slot, n)
         else:
-            signal_tensor = torch.empty((n, *first.shape[1:]), dtype=torch.int16)
+            signal_tensor = torch.empty((n, *first.shape[1:]), dtype=self.signal_dtype)
             if worker is not None:
                 signal_tensor.share_memory_()  # filled in place, then handed over without another copy
             signal = signal_tensor.numpy()
@@ -168,7 +176,7 @@ class ShardDataset(Dataset):
         # would cost a shared-memory allocation and a file-descriptor hand-over; ShardLoader makes them tensors.
         wrap = (lambda a: a) if isinstance(signal_out, SlotRef) else torch.from_numpy
         return {
-            "signal": signal_out,  # int16 µV (or where a worker left it); float mV only on the device
+            "signal": signal_out,  # int16 µV, float16 features (or where a worker left it); float mV only on the device
             "lead_mask": wrap(lead_mask),
             "targets": {k: wrap(np.nan_to_num(v, nan=0.0)) for k, v in targets.items()},
             "target_masks": {k: wrap(~np.isnan(v)) for k, v in targets.items()},
@@ -193,6 +201,41 @@ class ShardDataset(Dataset):
             where = np.flatnonzero(shards == number)
             with open_shard(self.root / self.manifest.shards[number]["path"]) as f:
                 out[where] = f[f"targets/{name}"][:][rows[where]]
+        return out
+
+    def column(self, name: str) -> np.ndarray:
+        """One per-segment dataset (``segment_start``, ``metadata/age``, ...) over the served segments, read one
+        shard at a time for evaluation; batches never carry it, so training reads stay as fast as before."""
+        shards, rows = self.index.locate(self.indices)
+        out: np.ndarray | None = None
+        for number in np.unique(shards):
+            where = np.flatnonzero(shards == number)
+            path = self.root / self.manifest.shards[number]["path"]
+            with open_shard(path) as f:
+                if name not in f:
+                    raise ShardError(f"shard {path} has no dataset /{name} (convert the folder again to add it)")
+                dset = f[name]
+                values = dset.asstr()[:] if h5py.check_string_dtype(dset.dtype) is not None else dset[:]
+            if out is None:
+                out = np.empty(len(rows), dtype=object if values.dtype.kind in "OU" else values.dtype)
+            out[where] = values[rows[where]]
+        return out if out is not None else np.zeros(0)
+
+    def metadata(self, names: list[str] | None = None) -> dict[str, np.ndarray]:
+        """``{name: [N]}`` metadata of the served segments (``ecgfm shard --metadata``): float with NaN for numbers,
+        strings with "" for text; every column the manifest lists unless ``names`` picks some."""
+        listed = self.manifest.metadata
+        names = list(listed) if names is None else list(names)
+        unknown = [name for name in names if name not in listed]
+        if unknown:
+            raise KeyError(
+                f"metadata {unknown} is not in {self.root / 'manifest.json'} (it has: {', '.join(listed) or 'none'}; "
+                "convert with `ecgfm shard --metadata COL[,COL]` to store some)"
+            )
+        out = {}
+        for name in names:
+            values = self.column(f"metadata/{name}")
+            out[name] = values.astype(np.float64) if listed[name].get("kind") == "number" else values.astype(object)
         return out
 
     def target_summary(self, name: str) -> TargetSummary:

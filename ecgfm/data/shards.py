@@ -21,7 +21,11 @@ from ecgfm.leads import STANDARD_FS, STANDARD_LEADS, STANDARD_N_SAMPLES
 SHARD_FORMAT = "ecgfm-shard"
 SHARD_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+#: The per-segment dataset of a feature folder (``ecgfm embed``): float16 ``[N, D]`` in place of ``/signal``.
+FEATURES_KEY = "features"
 INT16_MIN, INT16_MAX = -32767, 32767  # -32768 is left free: it is WFDB's "invalid sample"
+#: How a ``/metadata/<name>`` column is stored: ``number`` float32 (NaN = missing), ``string`` UTF-8 ("" = missing).
+METADATA_KINDS = ("number", "string")
 
 
 class ShardError(RuntimeError):
@@ -91,14 +95,35 @@ class Manifest:
     format: str = SHARD_FORMAT
     version: int = SHARD_VERSION
     source: dict[str, Any] = field(default_factory=dict)
+    #: only in a feature folder written by ``ecgfm embed`` (docs/embeddings.md): size, dtype, the model, the source
+    features: dict[str, Any] = field(default_factory=dict)
+    #: per-segment metadata stored in ``/metadata/<name>`` (``ecgfm shard --metadata``): name -> ``{"kind": "number"
+    #: | "string", "source": where it was read}``; read by evaluation (subgroups), never by training batches
+    metadata: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def n_segments(self) -> int:
         return sum(int(s["n_segments"]) for s in self.shards)
 
+    @property
+    def data_key(self) -> str:
+        """The per-segment dataset a model reads: ``signal`` (int16 µV), or ``features`` in a feature folder."""
+        return FEATURES_KEY if self.features else "signal"
+
+    @property
+    def row_shape(self) -> tuple[int, ...]:
+        """Shape of one segment's row of :attr:`data_key`: ``(leads, samples)``, or ``(feature size,)``."""
+        if self.features:
+            return (int(self.features["size"]),)
+        return (len(self.lead_names), int(self.n_samples))
+
     def save(self, root: Path) -> Path:
         path = Path(root) / MANIFEST_NAME
         data = asdict(self)
+        if not data["features"]:  # a signal folder's manifest stays as it always was
+            del data["features"]
+        if not data["metadata"]:  # nor does a folder converted without metadata
+            del data["metadata"]
         data["n_segments"] = self.n_segments
         return atomic_write_json(path, data)
 
@@ -149,6 +174,7 @@ class ShardWriter:
         n_samples: int = STANDARD_N_SAMPLES,
         lead_names: tuple[str, ...] = STANDARD_LEADS,
         attrs: dict[str, Any] | None = None,
+        metadata: dict[str, str] | None = None,
     ):
         self.path = Path(path)
         self.spool_path = self.path.with_name(self.path.name + ".signal.tmp")
@@ -173,6 +199,12 @@ class ShardWriter:
             "valid_samples": [],
         }
         self._targets: dict[str, list[np.ndarray]] = {name: [] for name in targets}
+        #: metadata name -> kind (``number``: float32, NaN = missing; ``string``: UTF-8, "" = missing)
+        self.metadata = dict(metadata or {})
+        for name, kind in self.metadata.items():
+            if kind not in METADATA_KINDS or not name or "/" in name:
+                raise ShardError(f"metadata {name!r}: kind must be one of {METADATA_KINDS} and the name have no '/'")
+        self._metadata: dict[str, list[Any]] = {name: [] for name in self.metadata}
         self._signal_checksum = ArrayChecksum(np.int16, (len(self.lead_names), n_samples))
         self.checksums: dict[str, str] = {}
 
@@ -185,10 +217,12 @@ class ShardWriter:
         segment_start: int,
         targets: dict[str, np.ndarray],
         valid_samples: int | None = None,
+        metadata: dict[str, Any] | None = None,
     ) -> None:
         """Add one segment: int16 [L, T] µV, lead_mask bool [L], targets {name: float32 [K]} (NaN = missing).
 
-        ``valid_samples`` < T marks a zero-padded last piece of a record (default: all T samples are real).
+        ``valid_samples`` < T marks a zero-padded last piece of a record (default: all T samples are real);
+        ``metadata`` gives the writer's metadata columns (a name left out, or None, is stored as missing).
         """
         expected = (len(self.lead_names), self.n_samples)
         if signal_int16.shape != expected or signal_int16.dtype != np.int16:
@@ -209,6 +243,13 @@ class ShardWriter:
             if value.shape != (len(spec.names),):
                 raise ShardError(f"target {name!r} of {record_id} has {value.size} values, expected {len(spec.names)}")
             self._targets[name].append(value)
+        given = metadata or {}
+        for name, kind in self.metadata.items():
+            value = given.get(name)
+            if kind == "number":
+                self._metadata[name].append(np.nan if value is None or value == "" else float(value))
+            else:
+                self._metadata[name].append("" if value is None else str(value))
 
     def __len__(self) -> int:
         """Segments appended so far."""
@@ -254,6 +295,18 @@ class ShardWriter:
             dset = group.create_dataset(name, data=values)
             dset.attrs.update({"names": spec.names, "units": spec.units, "kind": spec.kind})
             checksums[f"/targets/{name}"] = array_checksum(values)
+        if self.metadata:
+            group = f.create_group("metadata")
+            for name, kind in self.metadata.items():
+                values = self._metadata[name]
+                if kind == "number":
+                    array = np.array(values, dtype=np.float32).reshape(n)
+                    group.create_dataset(name, data=array).attrs["kind"] = kind
+                    checksums[f"/metadata/{name}"] = array_checksum(array)
+                else:
+                    dset = group.create_dataset(name, data=np.array(values, dtype=object), dtype=h5py.string_dtype())
+                    dset.attrs["kind"] = kind
+                    checksums[f"/metadata/{name}"] = array_checksum(values, "str")
         self.checksums = dict(sorted(checksums.items()))
 
     def abort(self) -> None:
@@ -318,24 +371,33 @@ def check_shard(
     n_samples: int = STANDARD_N_SAMPLES,
     quick: bool = False,
     reference: str = MANIFEST_NAME,
+    data_key: str = "signal",
+    row_shape: tuple[int, ...] | None = None,
 ) -> list[str]:
     """Problems of one shard against what ``reference`` (the manifest, or a sidecar) says it holds, one line each.
 
     The structure always (opens, format, counts, shapes, targets); unless ``quick``, also every dataset against
-    its checksum, which reads the whole file.
+    its checksum, which reads the whole file. A feature shard (``ecgfm embed``) passes ``data_key="features"`` and
+    its ``row_shape`` ``(D,)`` in place of the signal's ``(leads, samples)``.
     """
     problems: list[str] = []
     try:
         with open_shard(path) as f:
-            n = f["signal"].shape[0]
+            if data_key not in f:
+                raise ShardError(f"no dataset /{data_key}")
+            data = f[data_key]
+            n = data.shape[0]
             if n != int(n_segments):
                 problems.append(f"{path}: {n} segments, {reference} says {n_segments}")
-            expected = (len(lead_names), n_samples)
-            if f["signal"].shape[1:] != expected:
-                problems.append(f"{path}: signal shape {f['signal'].shape[1:]} != {expected}")
+            expected = tuple(row_shape) if row_shape is not None else (len(lead_names), n_samples)
+            if data.shape[1:] != expected:
+                problems.append(f"{path}: {data_key} shape {data.shape[1:]} != {expected}")
             for name in ("lead_mask", "record_id", "patient_id", "patient_key", "segment_start", "valid_samples"):
                 if name in f and f[name].shape[0] != n:
-                    problems.append(f"{path}: /{name} has {f[name].shape[0]} rows, /signal has {n}")
+                    problems.append(f"{path}: /{name} has {f[name].shape[0]} rows, /{data_key} has {n}")
+            for name, dset in f["metadata"].items() if "metadata" in f else ():
+                if dset.shape[0] != n:
+                    problems.append(f"{path}: /metadata/{name} has {dset.shape[0]} rows, /{data_key} has {n}")
             for name, spec in targets.items():
                 if f"targets/{name}" not in f:
                     problems.append(f"{path}: target {name!r} missing")
@@ -345,7 +407,7 @@ def check_shard(
                 if name not in targets:
                     problems.append(f"{path}: holds target {name!r}, not one of {sorted(targets)}")
             if n:  # touch the last segment so a truncated file fails here, not mid-training
-                f["signal"][n - 1]
+                data[n - 1]
             if not quick:
                 problems += _checksum_problems(f, path, checksums, reference)
     except (ShardError, OSError, KeyError) as err:
@@ -398,5 +460,7 @@ def verify_shards(root: str | Path, quick: bool = False) -> list[str]:
             manifest.lead_names,
             int(manifest.n_samples),
             quick=quick,
+            data_key=manifest.data_key,
+            row_shape=manifest.row_shape,
         )
     return problems

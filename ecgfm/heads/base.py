@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from typing import Any
@@ -47,6 +48,12 @@ class Head(CapturesArguments, nn.Module, ABC):
     kind = "base"
     #: The shard target kinds this head can learn (``TargetSpec.kind``); ``setup`` refuses any other.
     target_kinds: tuple[str, ...] = ()
+    #: The logit layout ``ecgfm.evaluation.calibration.fit_temperature`` reads (``binary``, ``multilabel``,
+    #: ``multiclass``, ``ordinal``); a head with one holds a ``temperature`` buffer. None: no temperature.
+    temperature_kind: str | None = None
+    #: Buffers added after models were published, with the value a state_dict without them stands for: an older
+    #: checkpoint loads with that value (``_load_from_state_dict``), and ``load_strict`` lets them be missing.
+    added_buffers: dict[str, float] = {"temperature": 1.0}
 
     def __init__(
         self,
@@ -73,6 +80,30 @@ class Head(CapturesArguments, nn.Module, ABC):
         self._build_layers(in_features, len(self.labels))
         # Set once fit_statistics has run; saved with the weights, so a reloaded head is never re-standardised.
         self.register_buffer("statistics_fitted", torch.zeros((), dtype=torch.bool))
+        if self.temperature_kind is not None:
+            # Logits are divided by it where probabilities are made (postprocess), never in the loss; 1 = as trained.
+            self.register_buffer("temperature", torch.ones(()))
+
+    def set_temperature(self, value: float) -> None:
+        """Store the temperature fitted on validation (``fit_temperature``); probabilities become sigmoid or softmax
+        of logits / T, while rankings and decisions stay as they were."""
+        if self.temperature_kind is None or not self.is_built:
+            raise ValueError(f"head {self.name!r} ({self.kind}) has no temperature to set")
+        try:
+            temperature = float(value)
+        except (TypeError, ValueError):
+            temperature = math.nan
+        if not (math.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"head {self.name!r}: the temperature must be a positive number, got {value!r}")
+        self.temperature.fill_(temperature)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        """A state_dict saved before a buffer of ``added_buffers`` existed loads with that buffer's neutral value."""
+        for name, value in self.added_buffers.items():
+            buffer = self._buffers.get(name)
+            if buffer is not None and prefix + name not in state_dict:
+                state_dict[prefix + name] = torch.full_like(buffer, value)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @abstractmethod
     def _build_layers(self, in_features: int, n_outputs: int) -> None:

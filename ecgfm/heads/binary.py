@@ -4,7 +4,6 @@ a decision threshold that validation calibrates."""
 
 from __future__ import annotations
 
-import math
 from typing import Any, Literal
 
 import torch
@@ -65,6 +64,7 @@ class BinaryHead(Head):
     """
 
     target_kinds = ("binary", "multilabel")
+    temperature_kind = "binary"
 
     def __init__(
         self,
@@ -204,7 +204,7 @@ class BinaryHead(Head):
             "auprc": float(BinnedScores.average_precision(hist)[0]),
             "prevalence": positives / (positives + negatives) if positives + negatives else nan,
             **self._rates(self._counts_at_threshold(metrics)),
-            "threshold": float(torch.sigmoid(self.threshold)),
+            "threshold": self._probability_at(float(self.threshold)),
         }
         return {key: torch.tensor(value, dtype=torch.float32) for key, value in out.items()}
 
@@ -234,9 +234,7 @@ class BinaryHead(Head):
             "label": self.label,
             "criterion": self.threshold_criterion,
             "threshold_logit": threshold,
-            "threshold_probability": 1 / (1 + math.exp(-threshold))
-            if math.isfinite(threshold)
-            else float(threshold > 0),
+            "threshold_probability": self._probability_at(threshold),
             **{k: int(v) for k, v in counts.items()},
             **self._rates(counts),
         }
@@ -252,18 +250,27 @@ class BinaryHead(Head):
             curve.append(
                 {
                     "threshold_logit": logit,
-                    "threshold_probability": 1 / (1 + math.exp(-logit)),
+                    "threshold_probability": self._probability_at(logit),
                     **{k: int(v) for k, v in c.items()},
                     **self._rates(c),
                 }
             )
         return {"operating_point": [operating], "curve": curve}
 
+    def _probability_at(self, logit: float) -> float:
+        """The probability ``p_<label>`` that a logit maps to: sigmoid(logit / temperature)."""
+        return float(torch.sigmoid(torch.tensor(logit, dtype=torch.float64) / self.temperature.double()))
+
     def decision_rules(self) -> list[dict[str, Any]]:
-        """``<label>`` = 1 when ``p_<label>`` reaches the calibrated threshold (as a probability)."""
-        probability = float(torch.sigmoid(self.threshold.double()))
+        """``<label>`` = 1 when ``p_<label>`` reaches the calibrated threshold (as a probability, after the
+        temperature: the same calls as the logit threshold)."""
+        probability = self._probability_at(float(self.threshold))
         return [{"output": self.label, "kind": "compare", "score": f"p_{self.label}", "op": ">=", "value": probability}]
 
     def postprocess(self, output: Tensor) -> dict[str, Tensor]:
+        """``p_<label>`` = sigmoid(logit / temperature); ``<label>`` = 1 where the logit reaches the threshold."""
         logits = output.float().reshape(-1)
-        return {f"p_{self.label}": torch.sigmoid(logits), self.label: (logits >= self.threshold).long()}
+        return {
+            f"p_{self.label}": torch.sigmoid(logits / self.temperature),
+            self.label: (logits >= self.threshold).long(),
+        }

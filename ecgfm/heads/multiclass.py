@@ -49,6 +49,7 @@ class MulticlassHead(Head):
     """
 
     target_kinds = ("multiclass",)
+    temperature_kind = "multiclass"
 
     def __init__(
         self,
@@ -212,7 +213,9 @@ class MulticlassHead(Head):
         return [{"output": "class", "kind": "argmax", "scores": [f"p_{label}" for label in self.labels]}]
 
     def postprocess(self, output: Tensor) -> dict[str, Tensor]:
-        probs = torch.softmax(output.float(), dim=-1)
+        """``p_<class>`` = softmax(logits / temperature); ``class`` = the most probable (the temperature does not
+        change which)."""
+        probs = torch.softmax(output.float() / self.temperature, dim=-1)
         out = {f"p_{label}": probs[:, i] for i, label in enumerate(self.labels)}
         out["class"] = probs.argmax(-1)
         return out

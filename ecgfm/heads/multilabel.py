@@ -72,6 +72,7 @@ class MultiLabelHead(Head):
     """
 
     target_kinds = ("multilabel", "binary")
+    temperature_kind = "multilabel"
 
     def __init__(
         self,
@@ -235,7 +236,7 @@ class MultiLabelHead(Head):
                     "prevalence": float(s["positives"][i]) / n if n else float("nan"),
                     "auroc": float(s["auroc"][i]),
                     "auprc": float(s["auprc"][i]),
-                    "threshold": float(torch.sigmoid(self.decision_logit[i])),
+                    "threshold": float(torch.sigmoid(self.decision_logit[i] / self.temperature)),
                     "sensitivity": float(s["sensitivity"][i]),
                     "specificity": float(s["specificity"][i]),
                 }
@@ -243,17 +244,19 @@ class MultiLabelHead(Head):
         return {"per_label": rows}
 
     def decision_rules(self) -> list[dict[str, Any]]:
-        """``<label>`` = 1 when ``p_<label>`` reaches that label's calibrated threshold (as a probability)."""
-        probabilities = torch.sigmoid(self.decision_logit.double()).tolist()
+        """``<label>`` = 1 when ``p_<label>`` reaches that label's calibrated threshold (as a probability, after the
+        temperature: the same calls as the logit thresholds)."""
+        probabilities = torch.sigmoid(self.decision_logit.double() / self.temperature.double()).tolist()
         return [
             {"output": label, "kind": "compare", "score": f"p_{label}", "op": ">=", "value": p}
             for label, p in zip(self.labels, probabilities, strict=True)
         ]
 
     def postprocess(self, output: Tensor) -> dict[str, Tensor]:
-        """``p_<label>`` (probability) and ``<label>`` (0/1 at the label's decision threshold)."""
+        """``p_<label>`` (probability: sigmoid of logit / temperature) and ``<label>`` (0/1 where the logit reaches the
+        label's decision threshold)."""
         output = output.float()
-        probs = torch.sigmoid(output)
+        probs = torch.sigmoid(output / self.temperature)
         called = (output >= self.decision_logit).float()
         out = {}
         for i, label in enumerate(self.labels):

@@ -46,6 +46,7 @@ class OrdinalHead(Head):
     """
 
     target_kinds = ("multiclass",)
+    temperature_kind = "ordinal"
 
     def __init__(
         self,
@@ -242,7 +243,9 @@ class OrdinalHead(Head):
         return [{"output": "level", "kind": "median_level", "scores": [f"p_{label}" for label in self.labels]}]
 
     def postprocess(self, output: Tensor) -> dict[str, Tensor]:
-        probs = self.category_probs(output)
+        """``p_<level>`` from the cumulative logits / temperature, their ``expected_level``, and ``level``: the median
+        level, which the temperature does not change (a logit's sign does not change when it is divided)."""
+        probs = self.category_probs(output.float() / self.temperature)
         levels = torch.arange(probs.shape[1], dtype=probs.dtype, device=probs.device)
         out = {f"p_{label}": probs[:, i] for i, label in enumerate(self.labels)}
         out["expected_level"] = probs @ levels

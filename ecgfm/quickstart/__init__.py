@@ -23,8 +23,13 @@ LUDB_DIAGNOSIS_COLUMNS = [
 ]
 
 
+#: ludb.csv columns stored per segment (``/metadata/<name>``) for the report's subgroup tables.
+LUDB_METADATA_COLUMNS = ["Age", "Sex"]
+
+
 def convert_bundled(out: Path, progress: bool = True):
-    """Convert the bundled LUDB records with their diagnoses (target ``diagnoses``) into shards under ``out``."""
+    """Convert the bundled LUDB records with their diagnoses (target ``diagnoses``), age and sex (metadata, for the
+    report's subgroups) into shards under ``out``."""
     from ecgfm.data.convert import convert
 
     return convert(
@@ -34,5 +39,6 @@ def convert_bundled(out: Path, progress: bool = True):
         labels=DATA_DIR / "ludb.csv",
         record_column="ID",
         multilabel={"diagnoses": LUDB_DIAGNOSIS_COLUMNS},
+        metadata=LUDB_METADATA_COLUMNS,
         progress=progress,
     )
