@@ -451,7 +451,7 @@ ROWS: list[Row] = [
     Row("out-under-a-file", _out_under_a_file, error=r"file/out"),
     Row("source-folder-missing", lambda c: shard(c), error=r"src.*does not exist"),
     Row("no-records-found", _empty_source, error=r"no wfdb records found under .*src"),
-    Row("unknown-reader", _with_records("--reader", "edf"), error=r"unknown source.*'edf'"),
+    Row("unknown-reader", _with_records("--reader", "scp_ecg"), error=r"unknown source.*'scp_ecg'"),
     Row("arrays-reader-without-table", _with_records("--reader", "arrays"), error=r"reader 'arrays' needs .*'table'"),
     Row(
         "recipe-name-unknown",

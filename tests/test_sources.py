@@ -50,7 +50,7 @@ def test_registry_knows_both_readers_and_rejects_unknown_names() -> None:
     assert {"wfdb", "challenge"} <= set(SOURCES.names())
     assert SOURCES.create("wfdb").name == "wfdb"
     with pytest.raises(ValueError, match="challenge.*wfdb"):
-        SOURCES.create("edf")
+        SOURCES.create("scp_ecg")
 
 
 def test_every_ludb_record_reads_as_12_leads_in_millivolts(ludb_data: Path) -> None:

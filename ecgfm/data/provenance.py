@@ -38,20 +38,26 @@ def display_name(path: Path, source: Path) -> str:
     return str(path)
 
 
-def record_files(record: Path) -> list[Path]:
+def record_files(record: Path, _segment: bool = False) -> list[Path]:
     """The files one record is read from: its ``.hea`` and the data files the header names (none for an arrays
-    record, whose array file is a shared input). A header that cannot be read names no data file: the record is
-    then skipped, and a fixed header changes its hash anyway."""
+    record, whose array file is a shared input; the segments' headers and data files for a multi-segment master; the
+    file itself for a one-file record). A header that cannot be read names no data file: the record is then
+    skipped, and a fixed header changes its hash anyway."""
     if "#" in record.name:
         return []
     header = record.parent / (record.name + ".hea")
+    if not header.exists() and record.is_file():
+        return [record]  # a one-file record (EDF, CPSC 2018 .mat, XML export): the path is the file
     try:
         text = header.read_text(errors="replace")
     except OSError:
         return [header]
     spec = [line for line in map(str.strip, text.splitlines()) if line and not line.startswith("#")]
     names = dict.fromkeys(line.split()[0] for line in spec[1:])  # signal lines: the file name comes first
-    return [header, *(record.parent / name for name in names if name != "~" and "/" not in name and "\\" not in name)]
+    local = [name for name in names if name != "~" and "/" not in name and "\\" not in name]
+    if spec and "/" in spec[0].split()[0] and not _segment:  # a multi-segment master: its segments' files too
+        return [header, *(path for name in local for path in record_files(record.parent / name, _segment=True))]
+    return [header, *(record.parent / name for name in local)]
 
 
 def shared_files(

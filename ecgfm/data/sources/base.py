@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -156,11 +156,13 @@ def digital_to_mv(
     invalid: Sequence[int | None],
     path: Path,
     names: Sequence[str | None] | None = None,
+    aliases: Mapping[str, str] | None = None,
 ) -> np.ndarray:
     """Convert stored integers [L, T] to float32 millivolts per lead; each lead's invalid code becomes NaN.
 
     With ``names``, a signal that is not an ECG lead and cannot be converted (a respiration channel in ohms, an
     uncalibrated marker) is all NaN instead of failing the record; an ECG lead in such a state fails it, named.
+    ``aliases`` (``ecgfm.leads.lead_aliases``) are the user's extra lead names, so an aliased lead is judged as one.
     """
     n_leads = digital.shape[0]
     if not (len(gains) == len(baselines) == len(units) == len(invalid) == n_leads):
@@ -168,7 +170,7 @@ def digital_to_mv(
     out = np.empty(digital.shape, dtype=np.float32)
     for i in range(n_leads):
         name = (names[i] or "").strip() if names is not None else ""
-        lead_name = canonical_lead(name) if name else None
+        lead_name = canonical_lead(name, aliases) if name else None
         gain = float(gains[i])
         usable = is_voltage(units[i]) and math.isfinite(gain) and gain > 0
         if names is not None and not lead_name and not usable:
@@ -185,15 +187,18 @@ def digital_to_mv(
     return out
 
 
-def map_lead_names(raw_names: Sequence[str | None], path: Path) -> tuple[str, ...]:
-    """Canonical names for standard leads, raw names for the rest; two signals with one name are an error."""
+def map_lead_names(
+    raw_names: Sequence[str | None], path: Path, aliases: Mapping[str, str] | None = None
+) -> tuple[str, ...]:
+    """Canonical names for standard leads (the user's ``aliases`` included), raw names for the rest; two signals
+    with one name are an error."""
     names: list[str] = []
     first_raw: dict[str, str] = {}
     for i, raw in enumerate(raw_names):
         raw = (raw or "").strip()
         if not raw:
             raise RecordError(f"{path}: signal {i} has no name; leads are selected by name")
-        name = canonical_lead(raw) or raw
+        name = canonical_lead(raw, aliases) or raw
         if name in first_raw:
             raise RecordError(f"{path}: signals {first_raw[name]!r} and {raw!r} are both lead {name!r}")
         first_raw[name] = raw
