@@ -4,6 +4,7 @@ gives, what it was trained and measured on, and what it is not for."""
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,6 +22,7 @@ CARD_FIELDS = (
     "paper",
     "lead_subsets",
     "source_checkpoint",
+    "calibration",
 )
 
 NOT_STATED = "_not stated by the publisher_"
@@ -45,6 +47,38 @@ def _thresholds(rules: list[Mapping[str, Any]]) -> dict[str, str]:
         else:
             out[rule["output"]] = f"median level from {', '.join(rule['scores'])}"
     return out
+
+
+def _calibration(temperatures: Mapping[str, float] | None, calibration: Mapping[str, Any] | None) -> list[str]:
+    """The card's calibration section: each head's temperature and where it was fitted (none for older configs)."""
+    if temperatures is None and not calibration:
+        return []
+    lines = ["## Calibration", ""]
+    fitted = (calibration or {}).get("heads") or {}
+    temperatures = dict(temperatures or {}) | {h: e["temperature"] for h, e in fitted.items() if "temperature" in e}
+    if not fitted and all(value == 1.0 for value in temperatures.values()):
+        return [*lines, "No temperature scaling: probabilities are the sigmoid or softmax of the logits (T = 1).", ""]
+    where = calibration.get("fitted_on") if calibration else None
+    lines += [
+        "Probabilities are temperature-scaled (Guo et al. 2017): sigmoid or softmax of logit / T, T fitted by "
+        "negative log-likelihood on per-segment logits; decisions are those of T = 1, and so are a sigmoid head's "
+        "rankings (AUROC).",
+        "",
+        *([f"Fitted on: {where}", ""] if where else []),
+        "| head | temperature | segments | labelled values | validation NLL at T = 1 | at T |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for head, value in temperatures.items():
+        entry = fitted.get(head) or {}
+        if "temperature" not in entry:
+            reason = f"not fitted: {entry['skipped']}" if "skipped" in entry else "where it was fitted is not stated"
+            lines.append(f"| {_cell(head)} | {value:.4g} | {_cell(reason)} | | | |")
+            continue
+        lines.append(
+            f"| {_cell(head)} | {value:.4g} | {entry.get('n_segments', '')} | {entry.get('n_labelled', '')} | "
+            f"{entry.get('nll_uncalibrated', math.nan):.4f} | {entry.get('nll_temperature_scaled', math.nan):.4f} |"
+        )
+    return [*lines, ""]
 
 
 def render_card(config: Mapping[str, Any], labels: Mapping[str, Any]) -> str:
@@ -112,6 +146,7 @@ def render_card(config: Mapping[str, Any], labels: Mapping[str, Any]) -> str:
             shown = f"{value:.4g}" if isinstance(value, (int, float)) else str(value)
             lines.append(f"| {_cell(row.get('split', ''))} | {_cell(row.get('metric', ''))} | {shown} |")
         lines.append("")
+    lines += _calibration(config.get("temperatures"), card.get("calibration"))
     lines += [
         "",
         "## Intended use",

@@ -202,7 +202,10 @@ class ECGModel(nn.Module):
 
     def predict(self, signal: Tensor, lead_mask: Tensor | None = None) -> dict[str, Tensor]:
         """Raw mV ``[B, L, T]`` -> ``{public output name: float [B]}``: probabilities, values and decisions."""
-        raw = self(signal, lead_mask)
+        return self.postprocess(self(signal, lead_mask))
+
+    def postprocess(self, raw: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """``{head: raw output}`` (what :meth:`forward` gives) -> ``{public output name: float [B]}``."""
         by_head = {name: head.postprocess(raw[name]) for name, head in self.heads.items()}
         keys = _public_names([(head, key) for head, outputs in by_head.items() for key in outputs])
         return {public: by_head[head][key].float() for public, head, key in keys}
@@ -254,9 +257,14 @@ class ECGModel(nn.Module):
             "contract": self.contract(),
             "outputs": self.outputs_description(),
             "decisions": rules,
+            "temperatures": self.temperatures(),
             "aggregation": "mean",
             "card": copy.deepcopy(self.card),
         }
+
+    def temperatures(self) -> dict[str, float]:
+        """Per classification head, the temperature its probabilities are divided by (1 = as trained)."""
+        return {name: float(head.temperature) for name, head in self.heads.items() if head.temperature_kind}
 
     def labels(self) -> dict[str, Any]:
         """``labels.json``: per head its kind, target, label names, units and the outputs it gives."""

@@ -91,9 +91,14 @@ def publish_checkpoint(
     metrics_file: str | Path | None = None,
     metrics_data: str = "held-out test split",
     features_model: str | None = None,
+    calibrate_on: str | Path | None = None,
+    device: str = "auto",
 ) -> Path:
     """Write the checkpoint's model as a published folder; the card's training data is read from the checkpoint
     unless ``card`` gives it, its metrics from ``metrics_file`` (a run's test ``metrics.csv``).
+
+    ``calibrate_on`` (a shard folder): each classification head's temperature is fitted on its validation split,
+    drawn as the checkpoint's training run drew it, and stored with the model (weights, config and card).
 
     Heads trained on a feature folder (backbone ``precomputed``) are published on ``features_model``, the model
     ``ecgfm embed`` computed the features with (checked by sha256), so the published model reads signals.
@@ -128,6 +133,12 @@ def publish_checkpoint(
         )
     else:
         model = ECGModel.from_checkpoint(checkpoint_path, card)
+    if calibrate_on is not None:
+        from ecgfm.evaluation.report import ReportSettings, split_settings
+        from ecgfm.evaluation.temperature import calibrate_on_shards
+
+        split, split_from = split_settings(checkpoint_path, ReportSettings())
+        calibrate_on_shards(model, calibrate_on, split, split_from, device=device)
     return model.save_pretrained(folder)
 
 

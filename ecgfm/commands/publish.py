@@ -43,12 +43,20 @@ def publish_parser() -> argparse.ArgumentParser:
         help="for heads trained on a feature folder (backbone precomputed): the model `ecgfm embed` used; the "
         "published model is that model with these heads, and reads signals",
     )
+    parser.add_argument(
+        "--calibrate-on",
+        metavar="SHARDS",
+        help="fit each classification head's temperature on the validation split of this shard folder (the "
+        "checkpoint's patient split) and store it with the model: probabilities become sigmoid/softmax of logit / T",
+    )
+    parser.add_argument("--device", default="auto", help="for --calibrate-on: auto (a GPU if there is one), cpu, cuda")
     parser.add_argument("--hub", metavar="REPO", help="also write README.md with Hugging Face metadata for REPO")
     parser.add_argument("--upload", action="store_true", help="upload the folder to --hub REPO (needs the network)")
     return parser
 
 
 def run(argv: list[str]) -> int:
+    from ecgfm.pretrained import read_config
     from ecgfm.publish import prepare_hub_folder, publish_checkpoint, upload_to_hub
 
     args = publish_parser().parse_args(argv)
@@ -67,7 +75,25 @@ def run(argv: list[str]) -> int:
     if args.lead_subsets:
         card["lead_subsets"] = [list(parse_leads(text)) for text in args.lead_subsets]
     card = {key: value for key, value in card.items() if value is not None}
-    publish_checkpoint(args.checkpoint, folder, card, args.metrics, args.metrics_data, args.features_model)
+    publish_checkpoint(
+        args.checkpoint,
+        folder,
+        card,
+        args.metrics,
+        args.metrics_data,
+        args.features_model,
+        args.calibrate_on,
+        args.device,
+    )
+    calibration = read_config(folder)["card"].get("calibration") if args.calibrate_on else None
+    for head, entry in (calibration or {}).get("heads", {}).items():
+        if "temperature" in entry:
+            print(
+                f"temperature of {head}: {entry['temperature']:.4g} (validation NLL {entry['nll_uncalibrated']:.4f} "
+                f"at T = 1 -> {entry['nll_temperature_scaled']:.4f}; {entry['n_segments']} segments)"
+            )
+        else:
+            print(f"temperature of {head}: not fitted ({entry['skipped']})")
     for name in sorted(p.name for p in folder.iterdir() if p.is_file()):
         print(f"wrote {folder / name}")
     if args.hub:

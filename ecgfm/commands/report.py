@@ -72,6 +72,12 @@ def report_parser() -> argparse.ArgumentParser:
     parser.add_argument("--test-fraction", type=float, help="the patient split (default: the checkpoint's, or 0.15)")
     parser.add_argument("--split-seed", type=int, help="the patient split's seed (default: the checkpoint's, or 0)")
     parser.add_argument("--split-file", help="a JSON file listing the patients of train, val and test")
+    parser.add_argument(
+        "--fit-temperature",
+        action="store_true",
+        help="fit each classification head's temperature on the validation split's logits and show ECE and Brier "
+        "score at T = 1 and at the fitted T (the other numbers stay the model's own)",
+    )
     parser.add_argument("--batch-size", type=int, default=64, help="segments per forward pass (default: 64)")
     parser.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda, cuda:1")
     parser.add_argument("--wandb-project", help="also log the metrics and figures to this wandb project")
@@ -118,6 +124,7 @@ def run(argv: list[str]) -> int:
         test_fraction=args.test_fraction,
         split_seed=args.split_seed,
         split_file=args.split_file,
+        fit_temperature=args.fit_temperature,
     )
     report = build_report(args.model, args.data, settings, progress=not args.no_progress)
     out = write_report(report, args.out, args.wandb_project, args.wandb_name)
@@ -146,6 +153,8 @@ def summary_lines(results: dict) -> list[str]:
             lines.append(
                 f"{name}: macro AUROC {format_interval(head['macro_auroc'])} over {head['n_labels_scored']} labels"
             )
+        if head.get("temperature"):
+            lines.append(f"{name}: {temperature_line(head['temperature'])}")
         for entry in head.get("labels", []):
             lines.append(
                 f"{name} / {entry['label']}: AUROC {format_interval(entry.get('auroc'))}, "
@@ -157,3 +166,16 @@ def summary_lines(results: dict) -> list[str]:
         for entry in head.get("not_scored", []):
             lines.append(f"{name} / {entry['label']}: not scored, {entry['reason']}")
     return lines
+
+
+def temperature_line(info: dict) -> str:
+    """The head's temperature, where it came from, and the mean ECE and Brier score at T = 1 and at that T."""
+    if info.get("compared") is None:
+        return f"temperature {info.get('note', 'not fitted')}"
+    text = f"temperature {info['compared']:.4g} {info['source']}"
+    means = [
+        f"{metric} {info[f'mean_{key}_uncalibrated']:.3f} at T = 1 -> {info[f'mean_{key}_temperature_scaled']:.3f}"
+        for key, metric in (("ece", "ECE"), ("brier", "Brier"))
+        if f"mean_{key}_uncalibrated" in info
+    ]
+    return f"{text}; mean over labels {', '.join(means)}" if means else text

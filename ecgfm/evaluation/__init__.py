@@ -5,7 +5,8 @@ nothing, so the task can use the tables callback without loading the evaluators 
 The statistics, in numpy and scipy (docs/evaluation.md): weighted metrics (``metrics_np``), the patient-level
 stratified bootstrap and ``Interval`` (``bootstrap``), Wilson and Clopper-Pearson intervals (``proportions``),
 DeLong's test and the paired bootstrap (``compare``), thresholds and their reports (``thresholds``), calibration,
-temperature and Bland-Altman agreement (``calibration``).
+temperature and Bland-Altman agreement (``calibration``), a model's heads calibrated on the validation split
+(``temperature``).
 
 The report (docs/report.md, ``ecgfm report``): a model's outputs per segment, record or patient (``units``),
 subgroups from the shards' metadata (``subgroups``), the figures (``figures``), the metrics of every head

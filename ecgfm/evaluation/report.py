@@ -87,6 +87,7 @@ class ReportSettings:
     test_fraction: float | None = None
     split_seed: int | None = None
     split_file: str | None = None
+    fit_temperature: bool = False
 
     def check(self) -> None:
         """One line naming the setting that cannot work."""
@@ -106,6 +107,8 @@ class ReportSettings:
             raise ValueError(f"level must be in (0, 1), got {self.level}")
         if self.min_positives < 1 or self.min_group_positives < 1:
             raise ValueError("min_positives and min_group_positives must be at least 1")
+        if self.fit_temperature and self.split == "all":
+            raise ValueError("fitting a temperature needs the validation split: report on train, val or test")
 
 
 def parse_cutoff(text: str) -> tuple[str, tuple[str, float]]:
@@ -279,6 +282,9 @@ class Evaluation:
     val_units: Units | None
     val_source: str
     positions: np.ndarray
+    val_segments: Segments | None = None
+    #: per classification head whose probabilities a temperature changes: what :func:`temperature_scaling` found
+    temperature: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -355,7 +361,7 @@ def evaluate_units(
         dataset = ShardDataset(root, where, targets=targets)
         segments = predict_segments(
             model, dataset, settings.batch_size, device, targets, metadata, progress,
-            description=f"scoring {split_name} segments",
+            description=f"scoring {split_name} segments", keep_logits=True,
         )  # fmt: skip
         units = aggregate(
             segments, settings.unit, settings.aggregation, model.score_names(), model.decision_rules(), kinds
@@ -363,12 +369,16 @@ def evaluate_units(
         return units, segments
 
     units, segments = scored(settings.split, chosen)
-    val_units, val_source = None, "no validation split (--split all): the model's stored thresholds"
+    val_units, val_segments = None, None
+    val_source = "no validation split (--split all): the model's stored thresholds"
     if settings.split != "all" and len(positions["val"]):
-        val_units = units if settings.split == "val" else scored("validation", positions["val"])[0]
+        if settings.split == "val":
+            val_units, val_segments = units, segments
+        else:
+            val_units, val_segments = scored("validation", positions["val"])
         same = " (the report split itself: optimistic)" if settings.split == "val" else ""
         val_source = f"validation split, {len(val_units)} {settings.unit}s{same}"
-    return Evaluation(units, segments, val_units, val_source, chosen)
+    return Evaluation(units, segments, val_units, val_source, chosen, val_segments)
 
 
 def build_report(
@@ -396,6 +406,7 @@ def build_report(
     model = model if model is not None else load(model_path)
     plans = plan_heads(model, manifest, settings)
     evaluation = evaluate_units(model, root, plans, split, settings, progress)
+    evaluation.temperature = temperature_scaling(model, plans, evaluation, settings)
     units = evaluation.units
     groups = subgroups(units.metadata, settings.age_bands, settings.subgroups) if units.metadata else {}
     report = Report(
@@ -519,10 +530,14 @@ def _score_classification(
         entry["confusion"] = {"tp": tp, "fp": fp, "fn": fn, "tn": tn}
         matrices.append((label, np.array([[tn, fp], [fn, tp]]), ["no", "yes"]))
         entry["calibration"] = _calibration(y, score, patient, report, settings, plan.name, label, reliability)
+        if plan.name in evaluation.temperature:
+            _temperature_comparison(report, entry, evaluation.temperature[plan.name], plan, i, rows, y, settings)
         head["labels"].append(entry)
         curves.append((label, y, score, entry))
         scored.append(i)
     _macro(report, head, plan, units, scored, settings)
+    if plan.name in evaluation.temperature:
+        head["temperature"] = _temperature_summary(report, head, evaluation.temperature[plan.name], plan, settings)
     _classification_figures(report, plan, head, curves, reliability, matrices, settings)
     if plan.decision is not None:
         head["confusion_matrix"] = _class_confusion(report, plan, units, settings)
@@ -566,6 +581,121 @@ def _calibration(
         "ece": _put(report, _key(settings, head, "ece", label), ece, counts),
         "brier": _put(report, _key(settings, head, "brier", label), brier, counts),
     }
+
+
+# ----------------------------------------------------------------------------------------------------- temperature
+
+
+def temperature_scaling(
+    model: Any, plans: list[HeadPlan], evaluation: Evaluation, settings: ReportSettings
+) -> dict[str, dict[str, Any]]:
+    """Per classification head whose probabilities a temperature changes (the model carries T != 1, or
+    ``fit_temperature`` fits one on the validation split's per-segment logits): the temperature compared with T = 1,
+    where it came from, and the report split's probabilities per unit at T = 1 and at that temperature."""
+    from ecgfm.evaluation.temperature import fit_head_temperature
+
+    out: dict[str, dict[str, Any]] = {}
+    for plan in plans:
+        head = model.heads[plan.name]
+        if plan.skip is not None or plan.kind not in CLASSIFICATION_KINDS or head.temperature_kind is None:
+            continue
+        stored = float(head.temperature)
+        info: dict[str, Any] = {"stored": stored, "compared": stored if stored != 1.0 else None}
+        info["source"] = f"stored with the model (T = {stored:.4g})" if stored != 1.0 else None
+        val = evaluation.val_segments
+        if settings.fit_temperature and (val is None or not len(val)):
+            info["note"] = "not fitted: the validation split is empty"
+        elif settings.fit_temperature:
+            try:
+                fitted = fit_head_temperature(head, val.logits[plan.name], val.targets[plan.target][:, plan.columns])
+            except ValueError as err:
+                info["note"] = f"not fitted: {err}"
+            else:
+                n_patients = len(np.unique(val.patient_id.astype(str)))
+                same = "; the report split itself: optimistic" if settings.split == "val" else ""
+                info.update(
+                    fitted=fitted,
+                    compared=fitted["temperature"],
+                    source=f"fitted on the validation split ({len(val)} segments of {n_patients} patients{same})",
+                )
+        if info["compared"] is None and "note" not in info:
+            continue
+        if info["compared"] is not None:
+            info["outputs"] = {
+                "uncalibrated": _unit_scores(model, plan, evaluation.segments, 1.0, settings),
+                "temperature_scaled": _unit_scores(model, plan, evaluation.segments, info["compared"], settings),
+            }
+        out[plan.name] = info
+    return out
+
+
+def _unit_scores(
+    model: Any, plan: HeadPlan, segments: Segments, temperature: float, settings: ReportSettings
+) -> dict[str, np.ndarray]:
+    """The head's probabilities per unit with its temperature set to ``temperature`` (the head is left as it was)."""
+    import torch
+
+    head = model.heads[plan.name]
+    stored = float(head.temperature)
+    logits = torch.as_tensor(segments.logits[plan.name], dtype=torch.float32, device=head.temperature.device)
+    head.set_temperature(temperature)
+    try:
+        with torch.no_grad():
+            post = head.postprocess(logits)
+    finally:
+        head.set_temperature(stored)
+    public = {key: name for name, owner, key in model.output_keys() if owner == plan.name}
+    scores = {public[k]: v.double().cpu().numpy() for k, v in post.items() if public[k] in plan.outputs}
+    only = Segments(segments.positions, segments.record_id, segments.patient_id, segments.segment_start, scores)
+    return aggregate(only, settings.unit, settings.aggregation, list(scores)).outputs
+
+
+def _temperature_comparison(
+    report: Report,
+    entry: dict,
+    info: Mapping[str, Any],
+    plan: HeadPlan,
+    i: int,
+    rows: np.ndarray,
+    y: np.ndarray,
+    settings: ReportSettings,
+) -> None:
+    """ECE and Brier score of one label at T = 1 (``uncalibrated``) and at the head's temperature
+    (``temperature_scaled``), as ``entry["calibration"]`` entries and metrics.json keys."""
+    from ecgfm.evaluation import calibration
+
+    if "outputs" not in info:
+        return
+    counts = {key: entry[key] for key in ("n", "n_patients", "positives")}
+    label = plan.labels[i]
+    for name, outputs in info["outputs"].items():
+        p = outputs[plan.outputs[i]][rows]
+        ece = calibration.expected_calibration_error(y, p)
+        brier = calibration.brier_score(y, p)
+        entry["calibration"][name] = {
+            "temperature": 1.0 if name == "uncalibrated" else float(info["compared"]),
+            "ece": _put(report, _key(settings, plan.name, f"ece_{name}", label), ece, counts),
+            "brier": _put(report, _key(settings, plan.name, f"brier_{name}", label), brier, counts),
+        }
+
+
+def _temperature_summary(
+    report: Report, head: dict, info: Mapping[str, Any], plan: HeadPlan, settings: ReportSettings
+) -> dict[str, Any]:
+    """The head's temperature entry: stored, compared and where from, the validation NLL of a fit, and the mean ECE
+    and Brier score over the scored labels at T = 1 and at the temperature."""
+    summary = {key: info[key] for key in ("stored", "compared", "source", "note") if info.get(key) is not None}
+    if "fitted" in info:
+        summary["fit"] = dict(info["fitted"])
+    counts = {"n": report.results["counts"]["units"]}
+    if info.get("compared") is not None:
+        _put(report, _key(settings, plan.name, "temperature"), float(info["compared"]), counts)
+    for name in ("uncalibrated", "temperature_scaled"):
+        for metric in ("ece", "brier"):
+            values = [e["calibration"][name][metric]["estimate"] for e in head["labels"] if name in e["calibration"]]
+            if values:
+                summary[f"mean_{metric}_{name}"] = float(np.mean(values))
+    return summary
 
 
 @weight_matrix

@@ -189,6 +189,7 @@ def _classification_blocks(name: str, head: Mapping[str, Any], unit: str, split:
         blocks.append(Block("table", header=header, rows=rows))
         sources = sorted({e["threshold"]["chosen_on"] for e in head["labels"]})
         blocks.append(Block("p", f"Thresholds chosen on: {'; '.join(sources)}; applied unchanged to `{split}`."))
+    blocks += _temperature_blocks(head, unit)
     matrix = head.get("confusion_matrix")
     if matrix:
         blocks.append(Block("h3", f"Classes: true (rows) against the model's call (columns), {matrix['n']} {unit}s"))
@@ -207,6 +208,45 @@ def _classification_blocks(name: str, head: Mapping[str, Any], unit: str, split:
         blocks.append(Block("h3", "Labels not scored"))
         blocks.append(Block("list", items=[f"{e['label']}: {e['reason']}" for e in head["not_scored"]]))
     return blocks
+
+
+def _temperature_blocks(head: Mapping[str, Any], unit: str) -> list[Block]:
+    """Calibration before and after temperature scaling: where T came from, and ECE and Brier per label at both."""
+    info = head.get("temperature")
+    if not info:
+        return []
+    if info.get("compared") is None:
+        return [Block("h3", "Temperature scaling"), Block("p", f"Temperature {info.get('note', 'not fitted')}.")]
+    t = info["compared"]
+    text = f"Temperature T = {t:.4g}, {info['source']}: probabilities are sigmoid or softmax of logit / T."
+    if "fit" in info:
+        fit = info["fit"]
+        text += (
+            f" Validation NLL {fit['nll_uncalibrated']:.4f} at T = 1, {fit['nll_temperature_scaled']:.4f} at T "
+            f"({fit['n_labelled']} labelled values, per segment)."
+        )
+    stored = info.get("stored", 1.0)
+    text += (
+        f" The other numbers of this report use the model's own temperature ({stored:.4g}); no call depends on T, nor "
+        "does a segment's rank (AUROC) under a sigmoid head (binary, multi-label)."
+    )
+    rows = [
+        (
+            e["label"],
+            format_interval(e["calibration"]["uncalibrated"]["ece"]),
+            format_interval(e["calibration"]["temperature_scaled"]["ece"]),
+            format_interval(e["calibration"]["uncalibrated"]["brier"]),
+            format_interval(e["calibration"]["temperature_scaled"]["brier"]),
+        )
+        for e in head["labels"]
+        if "temperature_scaled" in e["calibration"]
+    ]
+    header = ("label", "ECE at T = 1", f"ECE at T = {t:.3g}", "Brier at T = 1", f"Brier at T = {t:.3g}")
+    return [
+        Block("h3", f"Calibration before and after temperature scaling ({unit}s)"),
+        Block("p", text),
+        *([Block("table", header=header, rows=rows)] if rows else []),
+    ]
 
 
 def _regression_blocks(name: str, head: Mapping[str, Any], unit: str, split: str, level: str) -> list[Block]:
