@@ -38,8 +38,10 @@ commands:
   fit | validate | test | predict   train or evaluate from a YAML recipe: ecgfm fit --config quickstart/net1d-small
   shard                             convert a folder of records (+ label table) into HDF5 shards
   shard verify DIR                  check every shard of DIR against its manifest
+  shard merge DIR...                join the parts of `ecgfm shard --part K/N` (one per node) into one manifest
   synth                             write synthetic 12-lead shards with known potassium and lab values
   bench data                        loader, conversion and index benchmarks against same-run baselines
+  bench shard                       conversion records/s per core and the speed-up of N parts over 1 process
   bench metrics                     multi-label metrics, 1,200 labels x 1,000,000 samples: memory, time, torchmetrics
   bench distillation                lead-I students with and without a 12-lead teacher, synthetic potassium: test MAE
   bench infer                       one prediction's latency and throughput: eager vs TorchScript vs ONNX Runtime
@@ -90,7 +92,9 @@ def main(argv: list[str] | None = None) -> int:
         if message is None or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
             raise
         if isinstance(err, argparse.ArgumentError):
-            own_parser = args[:2] == ["shard", "verify"] or (args[:1] == ["bench"] and args[1:2] != ["--help"])
+            own_parser = args[:2] in (["shard", "verify"], ["shard", "merge"]) or (
+                args[:1] == ["bench"] and args[1:2] != ["--help"]
+            )
             command = " ".join(args[:2] if own_parser else args[:1])
             print(f"ecgfm: error: {message} (`ecgfm {command} --help` lists the options)", file=sys.stderr)
             return 2

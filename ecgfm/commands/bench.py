@@ -1,4 +1,4 @@
-"""``ecgfm bench data | metrics | distillation | infer | embed | train | eval``: benchmarks measured against a
+"""``ecgfm bench data | shard | metrics | distillation | infer | embed | train | eval``: benchmarks measured against a
 baseline run beside them."""
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ import sys
 from jsonargparse import ArgumentParser
 
 USAGE = """usage: ecgfm bench data [--segments N] [--wfdb_records N] [--index_segments N] ...
+       ecgfm bench shard [--records N] [--parts N] [--records_per_shard N] [--repeats N]
        ecgfm bench metrics [--labels N] [--samples N] [--batch N] [--bins N] ...
        ecgfm bench distillation [--out DIR] [--n_segments N] [--seeds '[0,1,2]'] [--label_fraction F] ...
        ecgfm bench infer [--backbones '[net1d-small, ecgfounder-12lead]'] [--repeats N] [--batch N] [--quick true]
@@ -19,6 +20,8 @@ USAGE = """usage: ecgfm bench data [--segments N] [--wfdb_records N] [--index_se
 def run(argv: list[str]) -> int:
     if argv[:1] == ["data"]:
         return run_data(argv[1:])
+    if argv[:1] == ["shard"]:
+        return run_shard(argv[1:])
     if argv[:1] == ["metrics"]:
         return run_metrics(argv[1:])
     if argv[:1] == ["distillation"]:
@@ -46,6 +49,17 @@ def run_data(argv: list[str]) -> int:
     cfg = parser.parse_args(argv).as_dict()
     cfg["workers"] = tuple(cfg["workers"])
     run_data_benchmark(**{k: v for k, v in cfg.items() if k != "__path__"})
+    return 0
+
+
+def run_shard(argv: list[str]) -> int:
+    from ecgfm.bench.shard import run_shard_benchmark
+
+    description = run_shard_benchmark.__doc__.split("\n\n")[0]
+    parser = ArgumentParser(prog="ecgfm bench shard", exit_on_error=False, description=description)
+    parser.add_function_arguments(run_shard_benchmark, skip={"console"})
+    cfg = parser.parse_args(argv).as_dict()
+    run_shard_benchmark(**{k: v for k, v in cfg.items() if k != "__path__"})
     return 0
 
 

@@ -22,7 +22,7 @@ from ecgfm.data.provenance import describe_changes, display_name, file_stamp, re
 from ecgfm.data.shards import Manifest, ShardWriter, TargetSpec, check_shard, to_int16_microvolts
 from ecgfm.data.sources import Record, RecordError
 from ecgfm.io import atomic_write, atomic_write_csv, atomic_write_json, remove_partial_files
-from ecgfm.leads import STANDARD_FS, STANDARD_LEADS, STANDARD_N_SAMPLES
+from ecgfm.leads import MODIFIED_LEADS, STANDARD_FS, STANDARD_LEADS, STANDARD_N_SAMPLES
 from ecgfm.record_windows import MIN_FS, select_leads
 from ecgfm.registry import SOURCES, MissingOptionError
 from ecgfm.resampling import resample, segment_starts
@@ -120,7 +120,11 @@ def prepare_record(reader: Any, path: Path, stride: int | None, last_piece: str)
     present = [i for i, name in enumerate(record.lead_names) if name in STANDARD_LEADS]
     other = [name for name in record.lead_names if name not in STANDARD_LEADS]
     if not present:
-        return _Converted(path, error=f"{path}: no standard lead among {list(record.lead_names)}")
+        modified = [name for name in record.lead_names if name.upper() in MODIFIED_LEADS]
+        hint = f" ({', '.join(modified)}: modified leads, mapped only with the reader option lead_aliases)"
+        return _Converted(
+            path, error=f"{path}: no standard lead among {list(record.lead_names)}{hint * bool(modified)}"
+        )
     if other:
         warnings.append(f"non-standard signals ignored: {' '.join(other)}")
     selection = select_leads(record, STANDARD_LEADS)  # flat or all-NaN leads missing, scattered NaN set to 0
@@ -309,6 +313,7 @@ def convert(
     metadata: list[str] | str | None = None,
     workers: int = 0,
     progress: bool = True,
+    part: str | None = None,
 ) -> ConversionSummary:
     """Convert every record under ``source`` into shards in ``out``; a rerun reuses the shards already finished.
 
@@ -345,7 +350,13 @@ def convert(
             WFDB and Challenge headers). A column whose cells are mostly numbers is stored as float (``>89`` as
             89, other text as missing, listed in warnings.csv), any other as text; ``age`` from a reader is a number.
         workers: processes converting shards in parallel (0 = in this process).
+        part: ``K/N`` converts only part K (0 ... N-1) of N: the shards K, K+N, K+2N ... of the same plan every part
+            computes, and writes ``manifest.part-K-of-N.json`` in place of manifest.json (join the parts with
+            ``ecgfm shard merge``); ``slurm`` reads K and N from SLURM_ARRAY_TASK_ID and SLURM_ARRAY_TASK_COUNT.
     """
+    from ecgfm.data.parts import parse_part, write_part_report
+
+    split = parse_part(part) if part is not None else None
     plan = plan_conversion(
         source,
         out,
@@ -367,6 +378,8 @@ def convert(
         last_piece=last_piece,
         metadata=metadata,
     )
+    if split is not None:
+        return write_part_report(plan, split, run_conversion(plan, workers, progress, split))
     return write_conversion_report(plan, run_conversion(plan, workers, progress))
 
 
@@ -563,22 +576,26 @@ def _check_out(out: Path) -> None:
         raise ValueError(f"out {out}: cannot write into {existing} (permission denied)")
 
 
-def run_conversion(plan: ConversionPlan, workers: int = 0, progress: bool = True) -> dict[int, dict[str, Any]]:
-    """Write every shard of the plan that no earlier run finished from the same inputs; returns each shard's
-    sidecar by index.
+def run_conversion(
+    plan: ConversionPlan, workers: int = 0, progress: bool = True, part: tuple[int, int] | None = None
+) -> dict[int, dict[str, Any]]:
+    """Write every shard of the plan (of its part ``(K, N)``: shards K, K+N, ...) that no earlier run finished from
+    the same inputs; returns each shard's sidecar by index.
 
     Sidecars of shards finished by an earlier run from the same inputs, which still verify, carry
     ``"reused": True``; shards converted again carry ``"rebuilt"``: why the earlier one was not reused (None for
     a shard no earlier run finished).
     """
     plan.out.mkdir(parents=True, exist_ok=True)
-    _remove_stale(plan.out, len(plan.jobs))
-    results: dict[int, dict[str, Any]] = {}
     pending = plan.jobs  # each worker decides whether its shard can be reused: the hashing runs in parallel too
+    if part is not None:
+        pending = [job for job in plan.jobs if job.index % part[1] == part[0]]
+    _remove_stale(plan.out, len(plan.jobs), None if part is None else {job.index for job in pending})
+    results: dict[int, dict[str, Any]] = {}
     pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 0 and len(pending) > 1 else None
     try:
         with _progress(progress) as bar:
-            task = bar.add_task(f"converting {plan.source}", total=plan.n_records)
+            task = bar.add_task(f"converting {plan.source}", total=sum(len(job.paths) for job in pending))
             stream = pool.imap_unordered(_convert_shard, pending) if pool else map(_convert_shard, pending)
             for result in stream:
                 index = int(result["path"].split("-")[1].split(".")[0])
@@ -590,17 +607,30 @@ def run_conversion(plan: ConversionPlan, workers: int = 0, progress: bool = True
     return results
 
 
-def write_conversion_report(plan: ConversionPlan, results: dict[int, dict[str, Any]]) -> ConversionSummary:
-    """Gather the shards' sidecars into patient_keys.npy, skipped.csv, warnings.csv and, last, manifest.json."""
-    summary = ConversionSummary(out_dir=plan.out)
-    manifest = Manifest(
+def manifest_header(plan: ConversionPlan) -> Manifest:
+    """The manifest of a conversion before its shards are listed: targets, source and metadata."""
+    return Manifest(
         targets=plan.targets,
         source={"path": str(plan.source), "reader": plan.reader, "labels": plan.labels},
         metadata=dict(plan.metadata),
     )
+
+
+def write_conversion_report(plan: ConversionPlan, results: dict[int, dict[str, Any]]) -> ConversionSummary:
+    """Gather the shards' sidecars into patient_keys.npy, skipped.csv, warnings.csv and, last, manifest.json."""
+    rows = None if plan.table is None else len(plan.table.rows)
+    ordered = [results[index] for index in range(len(plan.jobs))]
+    return write_report(plan.out, manifest_header(plan), ordered, rows, plan.source)
+
+
+def write_report(
+    out: Path, manifest: Manifest, results: list[dict[str, Any]], table_rows: int | None, source: Path | str
+) -> ConversionSummary:
+    """Write the shards' results (in shard order) as patient_keys.npy, skipped.csv, warnings.csv and, last,
+    manifest.json; ``table_rows``: the label table's row count (None without one)."""
+    summary = ConversionSummary(out_dir=out)
     matched: set[str] = set()
-    for index in range(len(plan.jobs)):
-        result = results[index]
+    for result in results:
         entry = {"path": result["path"], "n_segments": int(result["n_segments"]), "checksums": result["checksums"]}
         manifest.shards.append(entry)
         if result.get("rebuilt"):
@@ -611,23 +641,26 @@ def write_conversion_report(plan: ConversionPlan, results: dict[int, dict[str, A
         summary.warnings.extend(tuple(x) for x in result["warnings"])
         summary.shards_reused += bool(result.get("reused"))
         matched.update(result["matched_rows"])
-    if plan.table is not None and len(matched) < len(plan.table.rows):
-        summary.notes.append(f"{len(plan.table.rows) - len(matched)} label-table rows have no record in {plan.source}")
-    _write_patient_keys(plan.out, manifest)
-    atomic_write_csv(plan.out / "skipped.csv", ("record", "reason"), summary.skipped)
-    atomic_write_csv(plan.out / "warnings.csv", ("record", "warning"), summary.warnings)
-    manifest.save(plan.out)  # last: once it names the shards, everything beside them is in place
+    if table_rows is not None and len(matched) < table_rows:
+        summary.notes.append(f"{table_rows - len(matched)} label-table rows have no record in {source}")
+    _write_patient_keys(out, manifest)
+    atomic_write_csv(out / "skipped.csv", ("record", "reason"), summary.skipped)
+    atomic_write_csv(out / "warnings.csv", ("record", "warning"), summary.warnings)
+    manifest.save(out)  # last: once it names the shards, everything beside them is in place
     return summary
 
 
-def _remove_stale(out: Path, n_jobs: int) -> None:
-    """Delete shards this conversion will not produce and the temporary files a killed conversion left behind."""
-    remove_partial_files(out)
+def _remove_stale(out: Path, n_jobs: int, own: set[int] | None = None) -> None:
+    """Delete shards this conversion will not produce and the temporary files a killed conversion left behind;
+    a part (``own``: its shard numbers) leaves the other parts' temporary files alone, as they may be running."""
+    if own is None:
+        remove_partial_files(out)
     for path in out.glob("shard-*"):
         stem = path.name.split(".")[0]
         number = stem.removeprefix("shard-")
-        if path.name.endswith(".tmp") or (number.isdigit() and int(number) >= n_jobs):
-            path.unlink()
+        mine = own is None or (number.isdigit() and int(number) in own)
+        if (path.name.endswith(".tmp") and mine) or (number.isdigit() and int(number) >= n_jobs):
+            path.unlink(missing_ok=True)
 
 
 def _write_patient_keys(out: Path, manifest: Manifest) -> None:
@@ -658,8 +691,10 @@ __all__ = [
     "ShardJob",
     "convert",
     "cut_pieces",
+    "manifest_header",
     "plan_conversion",
     "prepare_record",
     "run_conversion",
     "write_conversion_report",
+    "write_report",
 ]
