@@ -439,6 +439,14 @@ class FineTuneTask(L.LightningModule):
             self.peft.freeze_statistics()  # BatchNorm statistics belong to the frozen base weights
         return self
 
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """Lightning sets each submodule's mode itself (at fit start, after every validation) without calling
+        :meth:`train`: re-apply it, so a frozen backbone (linear probe, peft base, frozen blocks) keeps its BatchNorm
+        statistics and dropout fixed instead of training on batch statistics."""
+        frozen = self.hparams.finetune == "linear_probe" or getattr(self, "peft", None) is not None
+        if frozen and (self.backbone.training or self.adapter.training and self.hparams.finetune == "linear_probe"):
+            self.train(True)
+
     def _require_heads(self) -> None:
         if not self.heads:
             raise ValueError(

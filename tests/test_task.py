@@ -222,3 +222,28 @@ def test_weights_the_forward_pass_never_reads_are_frozen():
     task = FineTuneTask(backbone="net1d-tiny", heads=[MultiLabelHead(name="d", labels=["a"])], preprocessing="zscore")
     frozen = {id(p) for p in task.parameters() if not p.requires_grad}
     assert frozen == {id(p) for p in task.backbone.parameters_unused_by_features()}
+
+
+def test_a_linear_probe_keeps_the_frozen_backbone_in_eval_mode_while_training(synthetic_shards):
+    """Lightning sets submodule modes itself (fit start, after validation) without FineTuneTask.train: the task
+    re-applies eval mode to the frozen backbone, or its BatchNorm would train on batch statistics."""
+    import lightning as L
+
+    from ecgfm.data.datamodule import ShardDataModule
+
+    seen = []
+
+    class Spy(L.Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            norms = [m for m in module.backbone.modules() if isinstance(m, torch.nn.BatchNorm1d)]
+            seen.append((module.backbone.training, any(m.training for m in norms)))
+
+    task = FineTuneTask(
+        backbone="net1d-tiny", finetune="linear_probe", heads=[{"kind": "potassium", "name": "k", "target": "potassium"}]
+    )
+    trainer = L.Trainer(
+        max_epochs=2, limit_train_batches=2, limit_val_batches=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[Spy()],
+    )  # fmt: skip
+    trainer.fit(task, ShardDataModule(str(synthetic_shards), batch_size=8))
+    assert seen == [(False, False)] * 4
