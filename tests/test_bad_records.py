@@ -182,7 +182,9 @@ def test_a_non_ecg_channel_in_another_unit_is_ignored_and_the_record_converts(tm
     code, err = shard(capsys, "--source", str(tmp_path / "source"), "--out", str(tmp_path / "out"))
     assert (code, err) == (0, [])
     assert read_csv(tmp_path / "out" / "skipped.csv") == []
-    assert {r["warning"] for r in read_csv(tmp_path / "out" / "warnings.csv")} == {"signals ignored, not a voltage: resp (Ohm)"}
+    assert {r["warning"] for r in read_csv(tmp_path / "out" / "warnings.csv")} == {
+        "signals ignored, not a voltage: resp (Ohm)"
+    }
     with h5py.File(tmp_path / "out" / "shard-00000.h5", "r") as f:
         assert f["lead_mask"][0].tolist() == [True] * 11 + [False]  # V6 absent, the rest stored
 

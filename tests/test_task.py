@@ -239,7 +239,9 @@ def test_a_linear_probe_keeps_the_frozen_backbone_in_eval_mode_while_training(sy
             seen.append((module.backbone.training, any(m.training for m in norms)))
 
     task = FineTuneTask(
-        backbone="net1d-tiny", finetune="linear_probe", heads=[{"kind": "potassium", "name": "k", "target": "potassium"}]
+        backbone="net1d-tiny",
+        finetune="linear_probe",
+        heads=[{"kind": "potassium", "name": "k", "target": "potassium"}],
     )
     trainer = L.Trainer(
         max_epochs=2, limit_train_batches=2, limit_val_batches=1, logger=False, enable_checkpointing=False,
