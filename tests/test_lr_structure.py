@@ -358,6 +358,7 @@ def lp_ft_config(folder: Path) -> Path:
     return path
 
 
+@pytest.mark.slow  # a minute on 2 cores: CI runs it once with the slow tests
 def test_lp_ft_killed_in_its_fine_tuning_phase_resumes_there(synthetic_shards, tmp_path):
     ref = tmp_path / "reference"
     run_to_end(fit_command(ref, synthetic_shards, lp_ft_config(ref)), child_env(ref), ref, "reference")

@@ -153,6 +153,7 @@ def test_a_screenshot_of_the_page(report_folder, tmp_path):
     assert pixels.shape == (1700, 1280) and pixels.std() > 10  # the page was drawn: text, tables, a figure
 
 
+@pytest.mark.slow  # a minute on 2 cores: CI runs it once with the slow tests
 def test_units_segments_patients_and_a_regression_head(synthetic_shards, tmp_path):
     """Synthetic shards (4 ECGs per patient): per patient there are 4x fewer rows than per record; a potassium head
     gets MAE, Bland-Altman and the K+ > 5.5 and >= 6.0 classification; a multiclass head one-vs-rest AUROCs."""
