@@ -8,118 +8,26 @@ database's long Holter recordings) spread over all parts.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import re
 import shutil
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from ecgfm.data.convert import ConversionPlan, ConversionSummary, _remove_stale, manifest_header, write_report
+from ecgfm.data.convert import (
+    PART_FORMAT,
+    PART_PATTERN,
+    PART_VERSION,
+    ConversionSummary,
+    _remove_stale,
+    parse_part,
+    part_name,
+    plan_digest,
+    write_part_report,
+    write_report,
+)
 from ecgfm.data.shards import Manifest, ShardError, TargetSpec, check_shard, sidecar_path
-from ecgfm.io import atomic_path, atomic_write_json
-
-PART_FORMAT = "ecgfm-shard-part"
-PART_VERSION = 1
-PART_PATTERN = re.compile(r"manifest\.part-(\d+)-of-(\d+)\.json")
-
-
-def part_name(k: int, n: int) -> str:
-    """The part manifest's file name, ``manifest.part-K-of-N.json``."""
-    return f"manifest.part-{k}-of-{n}.json"
-
-
-def parse_part(part: str) -> tuple[int, int]:
-    """``(K, N)`` from ``K/N`` (0 <= K < N), or from SLURM_ARRAY_TASK_ID and SLURM_ARRAY_TASK_COUNT for ``slurm``."""
-    text = str(part).strip()
-    if text.lower() == "slurm":
-        task, count = os.environ.get("SLURM_ARRAY_TASK_ID"), os.environ.get("SLURM_ARRAY_TASK_COUNT")
-        if not task or not count:
-            raise ValueError(
-                "--part slurm: SLURM_ARRAY_TASK_ID or SLURM_ARRAY_TASK_COUNT is not set (not an array task)"
-            )
-        text = f"{task}/{count}"
-    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
-    if not match:
-        raise ValueError(f"--part {part!r}: expected K/N (part K of N, counting from 0, e.g. 0/4) or slurm")
-    k, n = int(match[1]), int(match[2])
-    if n < 1 or k >= n:
-        raise ValueError(f"--part {part!r}: K must be 0 ... N-1 and N at least 1 (got K={k}, N={n})")
-    return k, n
-
-
-def plan_digest(plan: ConversionPlan) -> str:
-    """sha256 of the fingerprint and every shard's record list: equal only for parts of the very same plan."""
-    digest = hashlib.sha256(plan.fingerprint.encode())
-    for job in plan.jobs:
-        digest.update(json.dumps([job.index, [str(p) for p in job.paths]]).encode())
-    return digest.hexdigest()
-
-
-def write_part_report(
-    plan: ConversionPlan, part: tuple[int, int], results: dict[int, dict[str, Any]]
-) -> ConversionSummary:
-    """Write ``manifest.part-K-of-N.json`` (atomically, last): the part's shards with their counts, checksums,
-    skipped records and warnings, and what the merge checks (the plan's fingerprint and digest)."""
-    k, n = part
-    header = manifest_header(plan)
-    shards = []
-    for index in sorted(results):
-        result = results[index]
-        shards.append(
-            {
-                "index": index,
-                "path": result["path"],
-                "n_segments": int(result["n_segments"]),
-                "checksums": result["checksums"],
-                "records_read": int(result["records_read"]),
-                "skipped": [list(x) for x in result["skipped"]],
-                "warnings": [list(x) for x in result["warnings"]],
-                "matched_rows": sorted(result["matched_rows"]),
-            }
-        )
-    data = {
-        "format": PART_FORMAT,
-        "version": PART_VERSION,
-        "part": k,
-        "parts": n,
-        "n_shards": len(plan.jobs),
-        "fingerprint": plan.fingerprint,
-        "plan": plan_digest(plan),
-        "table_rows": None if plan.table is None else len(plan.table.rows),
-        "manifest": {
-            "targets": {name: asdict(spec) for name, spec in header.targets.items()},
-            "source": header.source,
-            "metadata": header.metadata,
-        },
-        "shards": shards,
-    }
-    summary = ConversionSummary(out_dir=plan.out)
-    for result in results.values():
-        if result.get("rebuilt"):
-            summary.rebuilt.append((Path(result["path"]).stem, result["rebuilt"]))
-        summary.records_read += int(result["records_read"])
-        summary.segments_written += int(result["n_segments"])
-        summary.skipped.extend(tuple(x) for x in result["skipped"])
-        summary.warnings.extend(tuple(x) for x in result["warnings"])
-        summary.shards_reused += bool(result.get("reused"))
-    _remove_other_splits(plan.out, n)
-    atomic_write_json(plan.out / part_name(k, n), data)
-    summary.notes.append(
-        f"part {k} of {n}: {len(shards)} of {len(plan.jobs)} shards in {part_name(k, n)}; when every part has "
-        f"finished, join them with `ecgfm shard merge {plan.out}`"
-    )
-    return summary
-
-
-def _remove_other_splits(out: Path, n: int) -> None:
-    """Delete part manifests of an earlier split into another number of parts: they can never be merged again."""
-    for path in out.glob("manifest.part-*-of-*.json"):
-        match = PART_PATTERN.fullmatch(path.name)
-        if match and int(match[2]) != n:
-            path.unlink(missing_ok=True)
+from ecgfm.io import atomic_path
 
 
 def _load_part(path: Path) -> dict[str, Any]:
