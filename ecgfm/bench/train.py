@@ -60,6 +60,7 @@ PEAK_TFLOPS: dict[str, tuple[float, float, float]] = {
     "GH200": (989.4, 494.7, 66.9),
     "A100": (312.0, 156.0, 19.5),
     "L40S": (362.1, 183.0, 91.6),
+    "L40": (181.0, 90.5, 90.5),
     "L4": (121.0, 60.0, 30.3),
     "A10": (125.0, 62.5, 31.2),
     "RTX 4090": (165.2, 82.6, 82.6),
@@ -265,7 +266,6 @@ class PhaseProfiler(Profiler):
         self.active = False
         self.started: dict[str, float] = {}
         self.seconds: dict[str, float] = defaultdict(float)
-        self.calls: dict[str, int] = defaultdict(int)
 
     def start(self, action_name: str) -> None:
         if self.actions is None or action_name in self.actions:
@@ -280,7 +280,6 @@ class PhaseProfiler(Profiler):
             start = self.started.pop(action_name, None)
             if start is not None and self.active:
                 self.seconds[action_name] += time.perf_counter() - start
-                self.calls[action_name] += 1
 
 
 class ClockCallback(L.Callback):
