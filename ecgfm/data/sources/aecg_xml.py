@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 from lxml import etree
 
-from ecgfm.data.sources.base import Record, RecordError, SourceReader, is_voltage, map_lead_names, mv_per_unit
-from ecgfm.data.sources.muse_xml import derive_limb_leads, find_xml_files, parse_xml_file
+from ecgfm.data.sources.base import Record, RecordError, SourceReader, is_voltage, mv_per_unit
+from ecgfm.data.sources.muse_xml import find_xml_files, named_leads, parse_xml_file
 from ecgfm.leads import canonical_lead
 from ecgfm.registry import SOURCES
 
@@ -170,13 +170,8 @@ class AecgXmlReader(SourceReader):
             raise RecordError(f"{path}: lead sequences hold different numbers of samples {lengths}")
         if dropped:
             warnings.append(f"signals not in a voltage ignored: {' '.join(dropped)}")
-        names = map_lead_names(raw_names, path)
-        signal = np.stack(leads)
-        derived: list[str] = []
-        if self.derive:
-            signal, names, derived = derive_limb_leads(signal, names)
-            if derived:
-                warnings.append(f"leads {' '.join(derived)} derived from I and II (not stored in the file)")
+        signal, names, derived, derived_warnings = named_leads(np.stack(leads), raw_names, path, self.derive)
+        warnings += derived_warnings
 
         subject = root.xpath("string(.//v3:trialSubject/v3:id/@extension)", namespaces=NS).strip()
         sex = root.xpath("string(.//v3:administrativeGenderCode/@code)", namespaces=NS).strip().upper()

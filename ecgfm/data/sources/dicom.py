@@ -19,11 +19,10 @@ from ecgfm.data.sources.base import (
     RecordError,
     SourceReader,
     is_voltage,
-    map_lead_names,
     mv_per_unit,
     parse_sex,
 )
-from ecgfm.data.sources.muse_xml import derive_limb_leads
+from ecgfm.data.sources.muse_xml import named_leads
 from ecgfm.leads import canonical_lead
 from ecgfm.registry import SOURCES
 
@@ -231,13 +230,8 @@ class DicomReader(SourceReader):
         warnings: list[str] = []
         if dropped:
             warnings.append(f"signals not in a voltage ignored: {' '.join(dropped)}")
-        names = map_lead_names(raw_names, path)
-        signal = np.stack(leads)
-        derived: list[str] = []
-        if self.derive:
-            signal, names, derived = derive_limb_leads(signal, names)
-            if derived:
-                warnings.append(f"leads {' '.join(derived)} derived from I and II (not stored in the file)")
+        signal, names, derived, derived_warnings = named_leads(np.stack(leads), raw_names, path, self.derive)
+        warnings += derived_warnings
         patient = str(ds.get("PatientID", "") or "").strip()
         return Record(
             record_id=path.stem,

@@ -91,6 +91,19 @@ def derive_limb_leads(signal: np.ndarray, names: tuple[str, ...]) -> tuple[np.nd
     return np.stack([rows[n] for n in order]).astype(np.float32), tuple(order), derived
 
 
+def named_leads(
+    signal: np.ndarray, raw_names: list[str], path: Path, derive: bool
+) -> tuple[np.ndarray, tuple[str, ...], list[str], list[str]]:
+    """Rows named by their leads (``map_lead_names``), the missing limb leads derived from I and II when ``derive``:
+    ``(signal, names, derived lead names, the warning that says so)``, as the XML and DICOM readers all need."""
+    names = map_lead_names(raw_names, path)
+    if not derive:
+        return signal, names, [], []
+    signal, names, derived = derive_limb_leads(signal, names)
+    warnings = [f"leads {' '.join(derived)} derived from I and II (not stored in the file)"] if derived else []
+    return signal, names, derived, warnings
+
+
 def _text(element: etree._Element, tag: str) -> str | None:
     """The stripped text of the first ``tag`` child, or None when there is none or it is empty."""
     child = element.find(tag)
@@ -242,13 +255,7 @@ class MuseXmlReader(SourceReader):
         signal = digital_to_mv(
             np.stack(samples), gains, [0] * len(leads), units, [None] * len(leads), path, names=raw_names
         )
-        names = map_lead_names(raw_names, path)
-        warnings: list[str] = []
-        derived: list[str] = []
-        if self.derive:
-            signal, names, derived = derive_limb_leads(signal, names)
-            if derived:
-                warnings.append(f"leads {' '.join(derived)} derived from I and II (not stored in the file)")
+        signal, names, derived, warnings = named_leads(signal, raw_names, path, self.derive)
 
         demographics = root.find("PatientDemographics")
         patient = _text(demographics, "PatientID") if demographics is not None else None
