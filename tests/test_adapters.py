@@ -246,6 +246,9 @@ def test_a_fine_tuned_12_lead_checkpoint_starts_a_lead_i_model(tmp_path):
     teacher = FineTuneTask(backbone="net1d-tiny", heads=[head()], preprocessing="zscore")
     trainer = _trainer(tmp_path)
     trainer.validate(teacher, dataloaders=_loader())
+    with torch.no_grad():  # a fine-tuned head: no longer what the seed initialises a head named "d" to
+        for parameter in teacher.heads.parameters():
+            parameter.add_(1.0)
     ckpt = tmp_path / "teacher.ckpt"
     trainer.save_checkpoint(ckpt)
 

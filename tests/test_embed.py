@@ -259,12 +259,17 @@ def test_a_head_on_features_matches_a_linear_probe_through_the_backbone_and_publ
         lr=0.01,
         scheduler="none",
     )
-    on_features.heads.load_state_dict(probe.heads.state_dict())  # the same initial head weights
+    # the same initial head weights without copying: a head's init depends on the seed and its name, not on the
+    # random numbers the Net1D drew before it (the precomputed backbone draws none)
+    for mine, theirs in zip(probe.heads.state_dict().values(), on_features.heads.state_dict().values(), strict=True):
+        torch.testing.assert_close(mine, theirs, atol=0, rtol=0)
 
     _, through = fit(probe, shards, tmp_path / "probe")
     trainer, direct = fit(on_features, features, tmp_path / "features")
     assert through["val/loss"] == pytest.approx(direct["val/loss"], abs=2e-3)
-    assert through["val/hyperkalemia/auroc"] == pytest.approx(direct["val/hyperkalemia/auroc"], abs=0.02)
+    assert through["val/segment/hyperkalemia/auroc"] == pytest.approx(
+        direct["val/segment/hyperkalemia/auroc"], abs=0.02
+    )
     for mine, theirs in zip(probe.heads.parameters(), on_features.heads.parameters(), strict=True):
         torch.testing.assert_close(mine, theirs, atol=2e-3, rtol=2e-3)
 

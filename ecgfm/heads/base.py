@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from typing import Any
@@ -74,10 +75,17 @@ class Head(CapturesArguments, nn.Module, ABC):
         return self.in_features is not None
 
     def build(self, in_features: int, labels: list[str]) -> None:
-        """Create the layers for ``in_features`` inputs and these label names."""
+        """Create the layers for ``in_features`` inputs and these label names.
+
+        The initial weights come from the run's seed and the head's name alone, not from how many random numbers the
+        backbone drew before: a linear probe through a backbone and a head on that backbone's stored embeddings
+        (``backbone: precomputed``) start from the same weights and train alike.
+        """
         self.in_features = in_features
         self.labels = list(labels)
-        self._build_layers(in_features, len(self.labels))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((torch.initial_seed() + zlib.crc32(self.name.encode())) % 2**63)
+            self._build_layers(in_features, len(self.labels))
         # Set once fit_statistics has run; saved with the weights, so a reloaded head is never re-standardised.
         self.register_buffer("statistics_fitted", torch.zeros((), dtype=torch.bool))
         if self.temperature_kind is not None:
@@ -122,7 +130,7 @@ class Head(CapturesArguments, nn.Module, ABC):
         """Each subclass feeds its metrics."""
 
     def compute_metrics(self, metrics: MetricCollection) -> dict[str, Tensor]:
-        """Named scalar results, logged as ``{split}/{head}/{name}``."""
+        """Named scalar results, logged as ``{split}/segment/{head}/{name}``."""
         return {key: value for key, value in metrics.compute().items() if value.numel() == 1}
 
     @abstractmethod
