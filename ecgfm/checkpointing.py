@@ -21,9 +21,11 @@ import lightning as L
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from ecgfm.backbones.checkpoint import CheckpointError, load_error, safe_torch_load
+from ecgfm.evaluation.log_keys import unit_named_monitor
 from ecgfm.io import atomic_save_torch, remove_partial_files
 
 TRAINING_STATE = ("epoch", "loops", "optimizer_states")  # what resuming a run reads besides weights and step
@@ -120,6 +122,11 @@ class ResumableCheckpoint(ModelCheckpoint):
         if save_last_every_n_steps < 1:
             raise ValueError(
                 f"ResumableCheckpoint: save_last_every_n_steps must be 1 or more, not {save_last_every_n_steps}"
+            )
+        monitor, renamed = unit_named_monitor(monitor)
+        if renamed:
+            rank_zero_warn(
+                f"ResumableCheckpoint: the loop logs per-segment metrics as {monitor!r}; monitoring that key"
             )
         super().__init__(
             dirpath=dirpath,

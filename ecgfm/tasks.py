@@ -16,6 +16,7 @@ from ecgfm.backbones.config import ContractError, InputContract, ModelConfig
 from ecgfm.backbones.precomputed import check_feature_data
 from ecgfm.checkpointing import check_lightning_checkpoint
 from ecgfm.data.shards import MANIFEST_NAME, Manifest
+from ecgfm.evaluation.log_keys import head_key, unit_named_monitor
 from ecgfm.evaluation.tables import SplitTables
 from ecgfm.finetune.distillation import Distiller
 from ecgfm.finetune.peft import BackbonePeft
@@ -37,7 +38,7 @@ CONTRACT_VERSION = 2
 
 
 class FineTuneTask(L.LightningModule):
-    """Fine-tune (or linear-probe) a backbone with heads; logs ``{split}/{head}/{metric}``.
+    """Fine-tune (or linear-probe) a backbone with heads; logs ``{split}/segment/{head}/{metric}`` (per 10-s segment).
 
     The model's contract (the backbone's model config, the leads, the lead adapter and the preprocessing chain with
     every parameter) is spelled out in the hyper-parameters and in ``checkpoint["ecgfm"]``, and a checkpoint is
@@ -124,6 +125,9 @@ class FineTuneTask(L.LightningModule):
                 "peft trains adapters on pretrained backbone weights: it needs model.pretrained (the base weights "
                 f"file) and finetune other than linear_probe (got pretrained={pretrained!r}, finetune={finetune!r})"
             )
+        monitor, renamed = unit_named_monitor(monitor)
+        if renamed:
+            rank_zero_warn(f"model.monitor: the loop logs per-segment metrics as {monitor!r}; following that key")
         self.block_freezer = BlockFreezer()  # which backbone blocks the unfreeze schedule (or LP-FT) holds frozen
         if teacher_cache and not teacher:
             raise ValueError("teacher_cache needs teacher: the checkpoint that the cached outputs came from")
@@ -535,11 +539,13 @@ class FineTuneTask(L.LightningModule):
             target, mask = self._head_targets(batch, name)
             loss = head.loss(outputs[name], target, mask)
             total = total + head.loss_weight * loss
-            self.log(f"{split}/{name}/loss", loss, batch_size=batch_size, on_epoch=True, on_step=False)
+            self.log(head_key(split, name, "loss"), loss, batch_size=batch_size, on_epoch=True, on_step=False)
             head.update_metrics(self.metrics[f"{split}_{name}"], outputs[name].detach(), target, mask)
             if name in teacher_outputs:
                 distill = distiller.loss(head, outputs[name], teacher_outputs[name])
-                self.log(f"{split}/{name}/distill_loss", distill, batch_size=batch_size, on_epoch=True, on_step=False)
+                self.log(
+                    head_key(split, name, "distill_loss"), distill, batch_size=batch_size, on_epoch=True, on_step=False
+                )
                 if split == "train":
                     total = total + distiller.weight * distill
         self.log(
@@ -574,7 +580,7 @@ class FineTuneTask(L.LightningModule):
         for name, head in self.heads.items():
             metrics = self.metrics[f"{split}_{name}"]
             values = head.compute_metrics(metrics)
-            self.log_dict({f"{split}/{name}/{k}": v.float() for k, v in values.items()}, sync_dist=False)
+            self.log_dict({head_key(split, name, k): v.float() for k, v in values.items()}, sync_dist=False)
             if split != "train" and not self.trainer.sanity_checking:
                 if split == "val":
                     head.calibrate(metrics)

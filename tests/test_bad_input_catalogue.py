@@ -204,7 +204,7 @@ def writes_nothing(ctx: Ctx, out: str, err: str) -> None:
 
 
 def evaluates_checkpoint_heads(ctx: Ctx, out: str, err: str) -> None:
-    assert re.search(r"test/potassium/mae", out + err), out
+    assert re.search(r"test/segment/potassium/mae", out + err), out
 
 
 def resumed_past_bad_last(ctx: Ctx, out: str, err: str) -> None:

@@ -123,10 +123,14 @@ def test_lead_i_student_learns_from_a_12_lead_teacher(synthetic_shards, teacher_
     task = student(teacher=str(ckpt), distill_weight=0.5, distill_temperature=2.0)
     trainer = fit(task, synthetic_shards, tmp_path)
     metrics = trainer.callback_metrics
-    for key in ("train/potassium/distill_loss", "train/electrolyte/distill_loss", "val/potassium/distill_loss"):
+    for key in (
+        "train/segment/potassium/distill_loss",
+        "train/segment/electrolyte/distill_loss",
+        "val/segment/potassium/distill_loss",
+    ):
         assert key in metrics and torch.isfinite(metrics[key]), key
     assert not any("hyperkalemia/distill" in key for key in metrics)
-    val_labels = sum(float(metrics[f"val/{h}/loss"]) for h in ("potassium", "electrolyte", "hyperkalemia"))
+    val_labels = sum(float(metrics[f"val/segment/{h}/loss"]) for h in ("potassium", "electrolyte", "hyperkalemia"))
     assert float(metrics["val/loss"]) == pytest.approx(val_labels, rel=1e-5)  # val/loss stays the label loss
 
     # the teacher: frozen, unchanged, not part of the student or its optimizer
@@ -193,7 +197,7 @@ def test_cached_teacher_outputs_equal_the_teachers_and_train(synthetic_shards, t
 
     task = student(teacher=str(teacher_ckpt), teacher_cache=True)
     trainer = fit(task, root, tmp_path)
-    assert task.distiller.teacher is None and "train/potassium/distill_loss" in trainer.callback_metrics
+    assert task.distiller.teacher is None and "train/segment/potassium/distill_loss" in trainer.callback_metrics
 
     other = tmp_path / "other.ckpt"  # a different teacher: the cache is stale
     torch.save({**torch.load(teacher_ckpt, weights_only=False), "global_step": 99}, other)

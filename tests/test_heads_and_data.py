@@ -111,7 +111,7 @@ def test_a_recipe_without_heads_evaluates_the_checkpoints_own_heads(shards, chec
     task = FineTuneTask(backbone="net1d-tiny")  # no heads: test the checkpoint's
     with _quiet():
         results = _trainer(tmp_path).test(task, datamodule=_data(shards), ckpt_path=str(checkpoint), verbose=False)
-    assert set(task.heads) == {"k", "h"} and "test/k/mae" in results[0] and "test/h/auroc" in results[0]
+    assert set(task.heads) == {"k", "h"} and "test/segment/k/mae" in results[0] and "test/segment/h/auroc" in results[0]
     reloaded = FineTuneTask.load_from_checkpoint(checkpoint, map_location="cpu")
     for name in ("k", "h"):
         assert task.heads[name].config() == reloaded.heads[name].config()

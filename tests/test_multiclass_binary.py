@@ -338,17 +338,22 @@ def test_electrolyte_fit_keeps_balanced_weights_in_the_checkpoint(synthetic_shar
     expected = counts.sum() / (4 * counts)
     np.testing.assert_allclose(weights.numpy(), expected, rtol=1e-5)
     assert not torch.allclose(weights, torch.ones(4))
-    for key in ("val/electrolyte/auroc", "val/electrolyte/accuracy", "val/electrolyte/mcc", "val/electrolyte/f1"):
+    for key in (
+        "val/segment/electrolyte/auroc",
+        "val/segment/electrolyte/accuracy",
+        "val/segment/electrolyte/mcc",
+        "val/segment/electrolyte/f1",
+    ):
         assert key in cli.trainer.callback_metrics, key
-    assert "val/electrolyte/sensitivity/hyperkalemia" in cli.trainer.callback_metrics
+    assert "val/segment/electrolyte/sensitivity/hyperkalemia" in cli.trainer.callback_metrics
 
     model = FineTuneTask.load_from_checkpoint(cli.trainer.checkpoint_callback.last_model_path, map_location="cpu")
     torch.testing.assert_close(model.heads["electrolyte"].class_weight, weights)
     assert model.heads["electrolyte"].labels == CLASSES
 
     tables = Path(cli.trainer.log_dir) / "tables"
-    with open(tables / "val-electrolyte-per_class.csv") as f:
+    with open(tables / "val-segment-electrolyte-per_class.csv") as f:
         rows = list(csv.DictReader(f))
     assert [row["class"] for row in rows] == CLASSES
     assert {"n", "auroc", "sensitivity", "specificity", "ppv", "npv", "f1"} <= set(rows[0])
-    assert (tables / "val-electrolyte-confusion.csv").is_file()
+    assert (tables / "val-segment-electrolyte-confusion.csv").is_file()

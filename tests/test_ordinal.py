@@ -435,4 +435,4 @@ def test_triage_recipe_fast_dev_run(triage_shards, tmp_path):
     ]
     assert main(args) == 0
     tables = sorted(p.name for p in tmp_path.rglob("tables/*.csv"))
-    assert tables == ["val-triage-confusion.csv", "val-triage-per_level.csv"]
+    assert tables == ["val-segment-triage-confusion.csv", "val-segment-triage-per_level.csv"]

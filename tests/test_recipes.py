@@ -54,7 +54,7 @@ def test_conditions_recipe_runs_on_challenge_diagnoses(challenge_shards, tmp_pat
 def test_conditions_recipe_writes_the_per_label_table_and_thresholds(challenge_shards, tmp_path):
     args = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=1", "--model.backbone=net1d-tiny"]
     assert run_recipe("conditions/net1d-small.yaml", challenge_shards, tmp_path, *args) == 0
-    tables = list((tmp_path / "logs").rglob("val-conditions-per_label.csv"))
+    tables = list((tmp_path / "logs").rglob("val-segment-conditions-per_label.csv"))
     assert len(tables) == 1
     header, *rows = tables[0].read_text().splitlines()
     assert header.split(",")[:5] == ["label", "n", "positives", "prevalence", "auroc"]
@@ -92,8 +92,8 @@ def test_heads_report_the_same_metrics_alone_or_together(synthetic_shards, tmp_p
         {k: v for k, v in together.state_dict().items() if not k.startswith(("heads.labs", "heads.hyperk"))}
     )
     both, single = validate(together), validate(alone)
-    potassium = {k: v for k, v in both.items() if k.startswith("val/potassium/")}
-    assert potassium and set(potassium) == {k for k in single if k.startswith("val/potassium/")}
+    potassium = {k: v for k, v in both.items() if k.startswith("val/segment/potassium/")}
+    assert potassium and set(potassium) == {k for k in single if k.startswith("val/segment/potassium/")}
     for key, value in potassium.items():
         assert single[key] == pytest.approx(value, rel=1e-5, nan_ok=True), key
     assert both["val/loss"] > single["val/loss"]  # the total sums the weighted head losses

@@ -349,7 +349,7 @@ def write_test_config(folder: Path, logger: dict | None = None, save_last_every_
                 {
                     "class_path": "ecgfm.checkpointing.ResumableCheckpoint",
                     "init_args": {
-                        "monitor": "val/potassium/mae",
+                        "monitor": "val/segment/potassium/mae",
                         "mode": "min",
                         "filename": "best-{epoch:02d}",
                         "save_last_every_n_steps": save_last_every_n_steps,

@@ -161,9 +161,9 @@ def test_subsets_table_of_a_lead_I_model(lead_i_checkpoint, tmp_path, capsys):
     assert main(["subsets", f"--ckpt_path={lead_i_checkpoint}", f"--out={out}"]) == 0
     printed = capsys.readouterr().out
     assert "subset II: skipped, it shares no lead with the model's leads (I)" in printed
-    assert "subset  n_leads  leads_used  head" in printed
+    assert "subset  n_leads  leads_used  head" in printed and "  unit  " in printed
     rows = read_table(out)
-    assert list(rows[0]) == ["subset", "n_leads", "leads_used", "head", "metric", "value"]
+    assert list(rows[0]) == ["subset", "n_leads", "leads_used", "head", "unit", "metric", "value"]
     assert {r["subset"] for r in rows} == {"12", "limb", "I+II", "I"}
     assert {r["subset"]: int(r["n_leads"]) for r in rows} == {"12": 12, "limb": 6, "I+II": 2, "I": 1}
     assert {r["leads_used"] for r in rows} == {"I"}  # the model reads lead I of every subset
@@ -194,7 +194,7 @@ def test_subsets_table_of_a_limb_model_with_lead_dropout(limb_checkpoint, ludb_s
     data = ShardDataModule(str(ludb_shards), batch_size=16, val_fraction=0.2, test_fraction=0.25)
     trainer = L.Trainer(logger=False, enable_progress_bar=False, default_root_dir=tmp_path, enable_checkpointing=False)
     plain = trainer.test(model, datamodule=data, verbose=False)[0]
-    assert value["limb", "diagnoses", "auroc"] == pytest.approx(plain["test/diagnoses/auroc"], rel=1e-6)
+    assert value["limb", "diagnoses", "auroc"] == pytest.approx(plain["test/segment/diagnoses/auroc"], rel=1e-6)
     assert value["limb", "all", "loss"] == pytest.approx(plain["test/loss"], rel=1e-6)
 
 

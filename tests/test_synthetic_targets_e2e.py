@@ -55,11 +55,11 @@ def fit_and_test(recipe: str, shards: Path, out: Path, *extra: str) -> dict[str,
 def test_potassium_recipe_halves_the_error_of_predicting_the_mean(shards, tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     tables = fit_and_test("potassium/net1d-small.yaml", shards, tmp_path)
-    row = tables["test-potassium-per_column"]["potassium"]
+    row = tables["test-segment-potassium-per_column"]["potassium"]
     mae, mae_mean = float(row["mae"]), float(row["mae_mean"])
     print(f"potassium test MAE {mae:.3f} mmol/L vs {mae_mean:.3f} predicting the training mean (n={row['n']})")
     assert mae < 0.5 * mae_mean
-    classes = tables["test-potassium-classes"]
+    classes = tables["test-segment-potassium-classes"]
     print({name: round(float(c["auroc"]), 3) for name, c in classes.items()})
     assert float(classes["hyperkalemia"]["auroc"]) > 0.9 and float(classes["hypokalemia"]["auroc"]) > 0.85
 
@@ -71,7 +71,7 @@ def test_labs_unlinked_to_the_waveform_stay_at_chance(shards, tmp_path, monkeypa
     tables = fit_and_test(
         "labs/net1d-small.yaml", shards, tmp_path, "--data.val_fraction=0.15", "--data.test_fraction=0.3"
     )
-    per_lab = tables["test-labs-per_lab"]
+    per_lab = tables["test-segment-labs-per_lab"]
     auroc = {lab: float(per_lab[lab]["auroc_abnormal"]) for lab in SYNTHETIC_LABS}
     pearson = {lab: round(float(per_lab[lab]["pearson"]), 3) for lab in SYNTHETIC_LABS}
     print("abnormal-value AUROC per lab:", {lab: round(v, 3) for lab, v in auroc.items()}, "Pearson r:", pearson)

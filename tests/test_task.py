@@ -49,9 +49,15 @@ def test_fit_test_predict_and_reload(ludb_shards, tmp_path):
     )
     cli = run_lightning(["fit", *args])
     metrics = cli.trainer.callback_metrics
-    for key in ("train/loss", "val/loss", "val/diagnoses/auroc", "val/diagnoses/auprc", "val/diagnoses/loss"):
+    for key in (
+        "train/loss",
+        "val/loss",
+        "val/segment/diagnoses/auroc",
+        "val/segment/diagnoses/auprc",
+        "val/segment/diagnoses/loss",
+    ):
         assert key in metrics, key
-    assert "val/diagnoses/auroc/Sinus rhythm" in metrics
+    assert "val/segment/diagnoses/auroc/Sinus rhythm" in metrics
     ckpt = cli.trainer.checkpoint_callback.last_model_path
 
     checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
@@ -67,7 +73,7 @@ def test_fit_test_predict_and_reload(ludb_shards, tmp_path):
         torch.testing.assert_close(model(x)["diagnoses"], cli.model.cpu()(x)["diagnoses"])
 
     test_cli = run_lightning(["test", *args, f"--ckpt_path={ckpt}"])
-    assert 0.0 <= float(test_cli.trainer.callback_metrics["test/diagnoses/auroc"]) <= 1.0
+    assert 0.0 <= float(test_cli.trainer.callback_metrics["test/segment/diagnoses/auroc"]) <= 1.0
 
     predict_cli = run_lightning(["predict", *args, f"--ckpt_path={ckpt}"])
     writer = next(c for c in predict_cli.trainer.callbacks if type(c).__name__ == "PredictionCSVWriter")

@@ -77,9 +77,9 @@ def _test(
     tested = _run(run, "test", out, name, [*args, f"--ckpt_path={checkpoint}"])
     metrics = tested.trainer.callback_metrics
     result = {
-        "test_mae": float(metrics["test/potassium/mae"]),
-        "test_mae_of_mean": float(metrics["test/potassium/mae_mean"]),
-        "test_pearson": float(metrics["test/potassium/pearson"]),
+        "test_mae": float(metrics["test/segment/potassium/mae"]),
+        "test_mae_of_mean": float(metrics["test/segment/potassium/mae_mean"]),
+        "test_pearson": float(metrics["test/segment/potassium/pearson"]),
         "seconds": time.perf_counter() - start,
         "checkpoint": str(checkpoint),
     }

@@ -161,7 +161,14 @@ def run_embed_benchmark(
     }
 
     table = Table(title=f"{n_segments} segments, {summary.model['name']} ({summary.size} features), batch {batch_size}")
-    for column in ("run", "s / epoch", "ratio", "val/loss", "val/hyperkalemia/auroc", "val/potassium/mae"):
+    for column in (
+        "run",
+        "s / epoch",
+        "ratio",
+        "val/loss",
+        "val/segment/hyperkalemia/auroc",
+        "val/segment/potassium/mae",
+    ):
         table.add_column(column, justify="left" if column == "run" else "right")
     for name, run in runs.items():
         table.add_row(
@@ -169,8 +176,8 @@ def run_embed_benchmark(
             f"{run['median_epoch_seconds']:.3f}",
             f"{through['median_epoch_seconds'] / run['median_epoch_seconds']:.1f}x",
             f"{run.get('val/loss', float('nan')):.5f}",
-            f"{run.get('val/hyperkalemia/auroc', float('nan')):.4f}",
-            f"{run.get('val/potassium/mae', float('nan')):.4f}",
+            f"{run.get('val/segment/hyperkalemia/auroc', float('nan')):.4f}",
+            f"{run.get('val/segment/potassium/mae', float('nan')):.4f}",
         )
     console.print(table)
     break_even = result["break_even_epochs"]

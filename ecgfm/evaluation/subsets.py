@@ -27,6 +27,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from ecgfm.evaluation.log_keys import LOGGED_UNIT
 from ecgfm.io import atomic_write
 from ecgfm.leads import STANDARD_LEADS, LeadError, lead_indices, parse_leads
 
@@ -49,7 +50,7 @@ DEFAULT_SUBSETS: tuple[str, ...] = ("12", "limb", "I+II", "I", "II")
 #: The segments a subset evaluation can score (``all``: every segment, e.g. an external data set never split).
 SPLITS: tuple[str, ...] = ("val", "test", "all")
 #: Columns of the table, in order.
-TABLE_COLUMNS: tuple[str, ...] = ("subset", "n_leads", "leads_used", "head", "metric", "value")
+TABLE_COLUMNS: tuple[str, ...] = ("subset", "n_leads", "leads_used", "head", "unit", "metric", "value")
 #: ``head`` of metrics that belong to no head (the total loss).
 ALL_HEADS = "all"
 
@@ -186,7 +187,7 @@ def _rows(plan: SubsetPlan, results: dict[str, float], prefix: str, patterns: Se
     for key, value in results.items():
         if not key.startswith(prefix):
             continue
-        head, _, metric = key[len(prefix) :].partition("/")
+        head, _, metric = key[len(prefix) :].removeprefix(f"{LOGGED_UNIT}/").partition("/")
         if not metric:  # the total loss, `test/loss`
             head, metric = ALL_HEADS, head
         if patterns and not any(fnmatch.fnmatchcase(metric, p) for p in patterns):
@@ -197,6 +198,7 @@ def _rows(plan: SubsetPlan, results: dict[str, float], prefix: str, patterns: Se
                 "n_leads": len(plan.leads),
                 "leads_used": "+".join(plan.used),
                 "head": head,
+                "unit": LOGGED_UNIT,  # the test loop scores 10-s segments
                 "metric": metric,
                 "value": float(value),
             }

@@ -12,13 +12,15 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
+from ecgfm.evaluation.log_keys import LOGGED_UNIT
 from ecgfm.io import atomic_write_csv
 
 __all__ = ["SplitTables"]
 
 
 class SplitTables(Callback):
-    """Writes ``<log dir>/tables/<split>-<head>-<table>.csv`` after each validation and test run, by rank 0.
+    """Writes ``<log dir>/tables/<split>-segment-<head>-<table>.csv`` after each validation and test run, by rank 0;
+    ``segment``: the loop scores 10-s segments, as its logged metrics (``ecgfm.evaluation.log_keys``).
 
     Validation tables are rewritten each epoch (they follow the thresholds chosen on validation); the sanity check
     and a ``fast_dev_run`` (one batch: a check of the recipe, whose tables would replace real ones) write none.
@@ -42,5 +44,7 @@ class SplitTables(Callback):
                 if rows:
                     columns = list(rows[0])
                     atomic_write_csv(
-                        folder / f"{split}-{head}-{table}.csv", columns, ([row[c] for c in columns] for row in rows)
+                        folder / f"{split}-{LOGGED_UNIT}-{head}-{table}.csv",
+                        columns,
+                        ([row[c] for c in columns] for row in rows),
                     )
