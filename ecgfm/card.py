@@ -140,11 +140,23 @@ def render_card(config: Mapping[str, Any], labels: Mapping[str, Any]) -> str:
     for data in dict.fromkeys(str(row.get("data", "")) for row in metrics):
         if data:
             lines += [f"Measured on: {data}", ""]
-        lines += ["| split | metric | value |", "| --- | --- | --- |"]
-        for row in (r for r in metrics if str(r.get("data", "")) == data):
+        rows = [r for r in metrics if str(r.get("data", "")) == data]
+        if any("low" in r for r in rows):
+            lines += ["| split | metric | value | interval |", "| --- | --- | --- | --- |"]
+        else:
+            lines += ["| split | metric | value |", "| --- | --- | --- |"]
+        for row in rows:
             value = row.get("value")
             shown = f"{value:.4g}" if isinstance(value, (int, float)) else str(value)
-            lines.append(f"| {_cell(row.get('split', ''))} | {_cell(row.get('metric', ''))} | {shown} |")
+            cells = [_cell(row.get("split", "")), _cell(row.get("metric", "")), shown]
+            if any("low" in r for r in rows):
+                level = row.get("level")
+                named = f"{float(level):.0%} " if isinstance(level, (int, float)) else ""
+                cells.append(f"{named}{row['low']:.4g}–{row['high']:.4g}" if "low" in row else "")
+            lines.append(f"| {' | '.join(cells)} |")
+        methods = sorted({str(r["method"]) for r in rows if r.get("method")})
+        if methods:
+            lines += ["", f"Intervals: {'; '.join(methods)}."]
         lines.append("")
     lines += _calibration(config.get("temperatures"), card.get("calibration"))
     lines += [

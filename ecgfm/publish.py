@@ -57,12 +57,14 @@ def training_data_from_checkpoint(checkpoint: Mapping[str, Any]) -> str | None:
 
 
 def metrics_from_file(path: str | Path, splits: Sequence[str] = ("test",), data: str = "") -> list[dict[str, Any]]:
-    """Card metric rows from a run's ``metrics.csv`` (Lightning's CSVLogger: each column's last value) or a JSON/YAML
-    mapping ``{"test/diagnoses/auroc": 0.71, ...}``; only keys under ``splits`` are kept, losses left out."""
+    """Card metric rows from a run's ``metrics.csv`` (Lightning's CSVLogger, per segment: each column's last value),
+    an ``ecgfm report`` folder's ``metrics.json`` (per record or patient, each value with its interval: ``low``,
+    ``high``, ``level``, ``method``), or a JSON/YAML mapping ``{"test/segment/diagnoses/auroc": 0.71, ...}``; only
+    keys under ``splits`` are kept, losses left out. The metric name keeps its unit (``record/diagnoses/auroc``)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such metrics file")
-    values: dict[str, float] = {}
+    values: dict[str, Any] = {}
     if path.suffix == ".csv":
         with path.open(newline="") as handle:
             for row in csv.DictReader(handle):
@@ -73,12 +75,29 @@ def metrics_from_file(path: str | Path, splits: Sequence[str] = ("test",), data:
         loaded = yaml.safe_load(path.read_text())  # JSON is YAML
         if not isinstance(loaded, dict):
             raise ValueError(f"{path}: expected a mapping of metric name to value")
-        values = {str(k): float(v) for k, v in loaded.items() if isinstance(v, (int, float))}
+        if loaded.get("format") == "ecgfm-report":
+            values = {str(k): v for k, v in (loaded.get("metrics") or {}).items() if isinstance(v, dict)}
+        else:
+            values = {str(k): float(v) for k, v in loaded.items() if isinstance(v, (int, float))}
     rows = []
     for key, value in values.items():
         split, _, metric = key.partition("/")
-        if split in splits and metric and not metric.endswith("loss") and math.isfinite(value):
-            rows.append({"data": data, "split": split, "metric": metric, "value": value})
+        if split not in splits or not metric or metric.endswith("loss"):
+            continue
+        row: dict[str, Any] = {"data": data, "split": split, "metric": metric}
+        if isinstance(value, dict):  # a report's Interval: the estimate, and its interval when it has one
+            estimate = value.get("estimate")
+            if not isinstance(estimate, (int, float)) or not math.isfinite(estimate):
+                continue
+            row["value"] = float(estimate)
+            low, high = value.get("low"), value.get("high")
+            if isinstance(low, (int, float)) and isinstance(high, (int, float)) and math.isfinite(low + high):
+                row.update(low=float(low), high=float(high), level=value.get("level"), method=value.get("method"))
+        elif math.isfinite(value):
+            row["value"] = value
+        else:
+            continue
+        rows.append(row)
     if not rows:
         raise ValueError(f"{path} holds no metrics of split {', '.join(splits)}")
     return rows

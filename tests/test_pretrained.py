@@ -169,7 +169,7 @@ def _checkpoint(tmp_path) -> str:
 def test_ecgfm_publish_writes_a_folder_with_card_metrics_and_hub_readme(tmp_path, capsys):
     ckpt = _checkpoint(tmp_path)
     metrics = tmp_path / "metrics.csv"
-    metrics.write_text("epoch,step,test/dx/auroc,test/dx/auroc/AF,val/loss\n0,2,0.81,0.77,\n")
+    metrics.write_text("epoch,step,test/segment/dx/auroc,test/segment/dx/auroc/AF,val/loss\n0,2,0.81,0.77,\n")
     out = tmp_path / "published"
     code = main(
         [
@@ -195,8 +195,8 @@ def test_ecgfm_publish_writes_a_folder_with_card_metrics_and_hub_readme(tmp_path
     config = read_config(out)
     assert config["name"] == "tiny-dx"
     assert config["card"]["metrics"] == [
-        {"data": "20 synthetic records", "split": "test", "metric": "dx/auroc", "value": 0.81},
-        {"data": "20 synthetic records", "split": "test", "metric": "dx/auroc/AF", "value": 0.77},
+        {"data": "20 synthetic records", "split": "test", "metric": "segment/dx/auroc", "value": 0.81},
+        {"data": "20 synthetic records", "split": "test", "metric": "segment/dx/auroc/AF", "value": 0.77},
     ]
     assert config["card"]["lead_subsets"] == [["I", "II", "III", "aVR", "aVL", "aVF"], ["I", "II"]]
     assert "model.ckpt (sha256 " in config["card"]["source_checkpoint"]
@@ -209,6 +209,36 @@ def test_ecgfm_publish_writes_a_folder_with_card_metrics_and_hub_readme(tmp_path
     with torch.no_grad():
         torch.testing.assert_close(ecgfm.load(out)(x)["dx"], task(x)["dx"], rtol=0, atol=0)
     assert ecgfm.load(ckpt).output_names() == ["p_AF", "AF", "p_SR", "SR"]
+
+
+def test_a_report_metrics_json_puts_record_level_values_with_intervals_on_the_card(tmp_path):
+    from ecgfm.card import render_card
+    from ecgfm.publish import metrics_from_file
+
+    interval = {"estimate": 0.91, "low": 0.87, "high": 0.95, "level": 0.95, "method": "stratified patient bootstrap"}
+    report = {
+        "format": "ecgfm-report",
+        "version": 1,
+        "metrics": {
+            "test/record/dx/auroc": interval,
+            "test/record/dx/n_positive/AF": {"estimate": 12},  # a count: no interval
+            "test/record/dx/auroc/SR": {"estimate": float("nan"), "low": None, "high": None},  # not scorable
+            "val/record/dx/auroc": interval,  # another split
+        },
+    }
+    path = tmp_path / "metrics.json"
+    path.write_text(json.dumps(report))
+    rows = metrics_from_file(path, data="LUDB, 24 held-out patients")
+    assert rows == [
+        {"data": "LUDB, 24 held-out patients", "split": "test", "metric": "record/dx/auroc", "value": 0.91,
+         "low": 0.87, "high": 0.95, "level": 0.95, "method": "stratified patient bootstrap"},
+        {"data": "LUDB, 24 held-out patients", "split": "test", "metric": "record/dx/n_positive/AF", "value": 12.0},
+    ]  # fmt: skip
+    shipped = Path(__file__).parents[1] / "checkpoints" / "ludb-diagnoses-net1d-small"
+    config = {**read_config(shipped), "card": {"metrics": rows}}
+    card = render_card(config, json.loads((shipped / "labels.json").read_text()))
+    assert "| test | record/dx/auroc | 0.91 | 95% 0.87–0.95 |" in card
+    assert "| test | record/dx/n_positive/AF | 12 |  |" in card and "Intervals: stratified patient bootstrap." in card
 
 
 def test_publish_upload_goes_through_huggingface_hub(tmp_path, monkeypatch, capsys):
