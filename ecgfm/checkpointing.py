@@ -140,6 +140,7 @@ class ResumableCheckpoint(ModelCheckpoint):
         )
         self.save_last_every_n_steps = save_last_every_n_steps
         self._last_writes = 0
+        self._last_step_written = -1  # the step of the last step-triggered last.ckpt
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
@@ -163,9 +164,14 @@ class ResumableCheckpoint(ModelCheckpoint):
         super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
         step = trainer.global_step
         # once per step: with gradient accumulation the batches after an optimizer step still show its number
-        if step and step % self.save_last_every_n_steps == 0 and step != self._last_global_step_saved:
+        if step and step % self.save_last_every_n_steps == 0 and step != self._last_step_written:
             if self._saving_allowed(trainer):
+                # ModelCheckpoint skips its monitored save after validation when a file was written at the same
+                # step; this one is only last.ckpt, so the epoch's last step keeps its best-*.ckpt
+                saved_before = self._last_global_step_saved
                 self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+                self._last_global_step_saved = saved_before
+                self._last_step_written = step
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # ModelCheckpoint writes last.ckpt here only beside a monitored save; this always does, and replaces a

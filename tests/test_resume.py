@@ -112,6 +112,33 @@ def test_lightning_checkpoints_and_slurm_hpc_checkpoints_go_through_the_atomic_w
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 3
 
 
+class ValidatedModel(BoringModel):
+    """BoringModel that logs a validation value, so the checkpoint can monitor it."""
+
+    def validation_step(self, batch, batch_idx):
+        loss = super().validation_step(batch, batch_idx)["x"]
+        self.log("val/loss", loss)
+        return loss
+
+
+@pytest.mark.parametrize("every", [2, 5, 64])  # BoringModel's epoch is 64 steps: a last.ckpt save on its last step
+def test_a_step_save_of_last_ckpt_on_an_epochs_last_step_does_not_cost_the_best_checkpoint(tmp_path, every):
+    callback = ResumableCheckpoint(monitor="val/loss", filename="best-{epoch:02d}", save_last_every_n_steps=every)
+    trainer = L.Trainer(
+        default_root_dir=tmp_path,
+        max_epochs=2,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[callback],
+    )
+    trainer.fit(ValidatedModel())
+    assert callback.best_model_path and Path(callback.best_model_path).name.startswith("best-epoch=")
+    assert Path(callback.best_model_path).is_file() and (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 128
+
+
 def test_checkpoints_are_read_back_only_with_weights_only(tmp_path):
     from ecgfm.backbones.checkpoint import CheckpointError
 
