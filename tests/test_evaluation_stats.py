@@ -499,6 +499,17 @@ def test_fit_temperature_recovers_the_temperature_that_made_the_labels():
     assert fit_temperature(z[:3000, :2], labels, "multilabel") == pytest.approx(1.5, rel=0.08)
 
 
+def test_fit_temperature_refuses_an_optimum_at_a_bound():
+    rng = np.random.default_rng(1)
+    logits = 3 * rng.normal(size=4000)
+    noise = (rng.random(4000) < 0.5).astype(float)  # labels unrelated to the logits: T runs to the upper bound
+    with pytest.raises(ValueError, match=r"up to T = 20 \(the bound\) on 4000 labelled values: the logits carry no"):
+        fit_temperature(logits, noise, "binary")
+    separated = (logits > 0).astype(float)  # every label on its logit's side: T runs to the lower bound
+    with pytest.raises(ValueError, match=r"down to T = 0.05 \(the bound\).*perfectly separated"):
+        fit_temperature(logits, separated, "binary")
+
+
 def test_fit_temperature_ordinal_matches_the_head():
     from ecgfm.heads.ordinal import OrdinalHead
 

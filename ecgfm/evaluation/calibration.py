@@ -163,7 +163,9 @@ def fit_temperature(logits: Any, y: Any, kind: str = "binary") -> float:
     head, stored in the head's ``temperature`` buffer. ``kind``: ``binary`` (logits [N], y 0/1), ``multilabel``
     ([N, K], NaN = unlabelled), ``multiclass`` ([N, K], class indices or one-hot) or ``ordinal`` ([N, K-1]
     cumulative logits, level indices or one-hot). T > 1 softens over-confident probabilities; rankings and argmax /
-    threshold decisions do not change. Searched in [0.05, 20]: a bound means the data cannot fix T."""
+    threshold decisions do not change. Searched in [0.05, 20]; an optimum at a bound is an error, not a T: at 20 the
+    logits carry no signal on these labels (the NLL falls as the probabilities flatten), at 0.05 they are all
+    separable, and either way a stored T would quietly change every probability."""
     n, nll = _nll_function(logits, y, kind)
     if n == 0:
         raise ValueError("fit_temperature needs labelled validation outputs; got none")
@@ -171,6 +173,16 @@ def fit_temperature(logits: Any, y: Any, kind: str = "binary") -> float:
     result = optimize.minimize_scalar(
         lambda log_t: nll(math.exp(log_t)), bounds=(low, high), method="bounded", options={"xatol": 1e-7}
     )
+    if high - result.x < 1e-3:
+        raise ValueError(
+            f"the validation NLL keeps falling up to T = {TEMPERATURE_BOUNDS[1]:g} (the bound) on {n} labelled "
+            "values: the logits carry no signal on these labels, and a temperature cannot calibrate them"
+        )
+    if result.x - low < 1e-3:
+        raise ValueError(
+            f"the validation NLL keeps falling down to T = {TEMPERATURE_BOUNDS[0]:g} (the bound) on {n} labelled "
+            "values: the classes are perfectly separated there, which leaves no temperature to estimate"
+        )
     return float(math.exp(result.x))
 
 
