@@ -14,3 +14,16 @@ run llrd --model.layer_decay 0.7 --model.warmup_steps 0.1
 run lora '--model.peft={method: lora, r: 4, alpha: 8}'
 start=$(date +%s); $E embed --model ludb-diagnoses-net1d-small --data shards --out features > logs-embed.txt 2>&1; echo "embed rc=$? seconds=$(( $(date +%s) - start ))" >> times.txt
 run embed_probe --model.backbone precomputed --model.backbone_kwargs "{features_from: features}" --model.pretrained null --data.root features
+# the last validation of each run, per segment as the loop logs it
+PY=${PYTHON:-python3}
+$PY - <<'PYEOF'
+import csv, glob
+keys = ["val/loss", "val/segment/potassium/mae", "val/segment/potassium/pearson", "val/segment/potassium/auroc/hyperkalemia"]
+print("| method | " + " | ".join(keys) + " |")
+for name in ["full", "linear_probe", "lp_ft", "llrd", "lora", "embed_probe"]:
+    found = sorted(glob.glob(f"runs/{name}/logs/*/version_*/metrics.csv"))
+    last = {}
+    for row in csv.DictReader(open(found[-1])) if found else []:
+        last.update({k: v for k, v in row.items() if v})
+    print(f"| {name} | " + " | ".join(f"{float(last[k]):.3f}" if k in last else "-" for k in keys) + " |")
+PYEOF
