@@ -10,15 +10,16 @@ import numpy as np
 import pytest
 from lxml import etree
 
+from ecgfm.bench import record_formats
+from ecgfm.bench.record_formats import HL7_V3 as V3
+from ecgfm.bench.record_formats import XSI
+from ecgfm.bench.record_formats import hl7_element as el
 from ecgfm.commands import main
 from ecgfm.data.shards import Manifest
 from ecgfm.data.sources import AecgXmlReader, RecordError
 from ecgfm.leads import STANDARD_LEADS
 from ecgfm.registry import SOURCES
 
-V3 = "urn:hl7-org:v3"
-XSI = "http://www.w3.org/2001/XMLSchema-instance"
-CODES = {name: f"MDC_ECG_LEAD_{name.upper()}" for name in STANDARD_LEADS}
 SHUFFLED = ["V1", "I", "aVF", "II", "V6", "III", "aVR", "V2", "aVL", "V3", "V4", "V5"]
 
 
@@ -30,69 +31,49 @@ def source(test_data: Path):
     return record
 
 
-def el(parent: etree._Element, tag: str, **attrs: object) -> etree._Element:
-    return etree.SubElement(parent, f"{{{V3}}}{tag}", {k: str(v) for k, v in attrs.items()})
-
-
-def sequence(sequence_set: etree._Element, code: str, xsi_type: str) -> etree._Element:
-    seq = el(el(sequence_set, "component"), "sequence")
-    el(seq, "code", code=code, codeSystem="2.16.840.1.113883.6.24", codeSystemName="MDC")
-    value = el(seq, "value")
-    value.set(f"{{{XSI}}}type", xsi_type)
-    return value
-
-
-def add_series(
-    parent: etree._Element,
-    code: str,
+def write_aecg(
+    path: Path,
     signal: np.ndarray,
-    names: list[str],
-    *,
-    tag: str = "series",
-    increment: tuple[str, str] | None = ("0.002", "s"),
-    time_code: str = "TIME_ABSOLUTE",
-    scale: tuple[float, str] = (5.0, "uV"),
-    origin: tuple[float, str] = (0.0, "uV"),
-    units: dict[str, str] | None = None,
+    names: list[str] = SHUFFLED,
+    median: bool = True,
+    fs: float = 500.0,
     extra: list[tuple[str, str]] = (),
-) -> etree._Element:
-    """A series of ``signal`` (mV [L, T]) as digits = (value - origin) / scale per lead, named by MDC code."""
-    series = el(parent, tag)
-    el(series, "code", code=code, codeSystem="2.16.840.1.113883.5.4")
-    sequence_set = el(el(series, "component"), "sequenceSet")
-    if increment is not None:
-        time = sequence(sequence_set, time_code, "GLIST_TS" if time_code == "TIME_ABSOLUTE" else "GLIST_PQ")
-        el(time, "head", value="20021122091000.000" if time_code == "TIME_ABSOLUTE" else "0", unit="s")
-        el(time, "increment", value=increment[0], unit=increment[1])
-    to_unit = {"uV": 1000.0, "mV": 1.0}
-    for name, lead in [*zip(names, signal, strict=True), *((code, signal[0]) for code, _ in extra)]:
-        code_value = CODES.get(name, name)
-        unit = (units or {}).get(name, dict(extra).get(name, scale[1]))
-        value = sequence(sequence_set, code_value, "SLIST_PQ")
-        el(value, "origin", value=origin[0], unit=unit if unit not in to_unit else origin[1])
-        el(value, "scale", value=scale[0], unit=unit)
-        factor = to_unit.get(scale[1], 1000.0)
-        digits = np.rint((lead * factor - origin[0] * factor / to_unit.get(origin[1], 1000.0)) / scale[0])
-        el(value, "digits").text = " ".join(str(int(d)) for d in digits)
-    return series
-
-
-def write_aecg(path: Path, signal: np.ndarray, names: list[str] = SHUFFLED, median: bool = True, **options) -> Path:
-    """An aECG document: the trial subject, a rhythm series and (in its derivation) the representative beats."""
-    root = etree.Element(f"{{{V3}}}AnnotatedECG", nsmap={None: V3, "xsi": XSI})
-    el(root, "id", root="728989ec-b8ba-4d2a-9c9c-111111111111")
-    el(root, "code", code="93000", codeSystem="2.16.840.1.113883.6.12")
-    assignment = el(el(el(el(root, "componentOf"), "timepointEvent"), "componentOf"), "subjectAssignment")
-    subject = el(el(assignment, "subject"), "trialSubject")
-    el(subject, "id", root="2.16.840.1.113883.3.1", extension="SUBJ-0042")
-    person = el(subject, "subjectDemographicPerson")
-    el(person, "administrativeGenderCode", code="F", codeSystem="2.16.840.1.113883.5.1")
+    **options,
+) -> Path:
+    """An aECG document of ``signal`` (mV, standard order) with the leads ``names`` in that order, the trial subject
+    SUBJ-0042 (F), a rhythm series and (in its derivation) the representative beats; ``extra`` adds sequences
+    ``(MDC code, unit)`` holding the first lead's values."""
     rows = [STANDARD_LEADS.index(n) if n in STANDARD_LEADS else 0 for n in names]
-    series = add_series(el(root, "component"), "RHYTHM", signal[rows], names, **options)
-    if median:
-        add_series(el(series, "derivation"), "REPRESENTATIVE_BEAT", signal[rows, 1000:1600], names, tag="derivedSeries")
-    path.write_bytes(etree.tostring(root, xml_declaration=True, encoding="UTF-8", pretty_print=True))
+    rows += [rows[0]] * len(extra)
+    names = [*names, *(code for code, _ in extra)]
+    units = {**dict(extra), **options.pop("units", {})}
+    median_mv = signal[rows, 1000:1600] if median else None
+    return record_formats.write_aecg(
+        path, signal[rows], fs, names, median_mv=median_mv, units=units, subject_id="SUBJ-0042", sex="F", **options
+    )
+
+
+def edited(path: Path, edit) -> Path:
+    """``path`` after ``edit(root)`` changed its XML tree: how the malformed files are made from well-formed ones."""
+    root = etree.fromstring(path.read_bytes())
+    edit(root)
+    path.write_bytes(etree.tostring(root, xml_declaration=True, encoding="UTF-8"))
     return path
+
+
+def drop_time_sequences(root: etree._Element) -> None:
+    for sequence in list(root.iter(f"{{{V3}}}sequence")):
+        if sequence.find(f"{{{V3}}}code").get("code") in ("TIME_ABSOLUTE", "TIME_RELATIVE"):
+            component = sequence.getparent()
+            component.getparent().remove(component)
+
+
+def set_increment_unit(unit: str):
+    def edit(root: etree._Element) -> None:
+        for increment in root.iter(f"{{{V3}}}increment"):
+            increment.set("unit", unit)
+
+    return edit
 
 
 def test_leads_by_mdc_code_in_standard_order_at_the_increments_rate(source, tmp_path: Path) -> None:
@@ -107,7 +88,7 @@ def test_leads_by_mdc_code_in_standard_order_at_the_increments_rate(source, tmp_
 def test_millivolt_scale_with_an_origin_and_a_relative_time_in_ms(source, tmp_path: Path) -> None:
     half = source.signal[:, ::2]  # 250 Hz
     path = write_aecg(
-        tmp_path / "mv.xml", half, increment=("4", "ms"), time_code="TIME_RELATIVE", scale=(0.01, "mV"),
+        tmp_path / "mv.xml", half, fs=250.0, increment_unit="ms", time_code="TIME_RELATIVE", scale=(0.01, "mV"),
         origin=(100.0, "uV"), median=False,
     )  # fmt: skip
     record = AecgXmlReader().read(path)
@@ -136,8 +117,8 @@ def malformed(source, folder: Path) -> dict[str, str]:
     """Broken aECG files written into ``folder``: file name -> the reason the reader must give."""
     good = write_aecg(folder / "good.xml", source.signal, median=False).read_bytes()
     (folder / "truncated.xml").write_bytes(good[: len(good) // 3])
-    write_aecg(folder / "no_rate.xml", source.signal, increment=None)
-    write_aecg(folder / "bad_increment.xml", source.signal, increment=("0.002", "beats"))
+    edited(write_aecg(folder / "no_rate.xml", source.signal), drop_time_sequences)
+    edited(write_aecg(folder / "bad_increment.xml", source.signal), set_increment_unit("beats"))
     write_aecg(folder / "mmhg_lead.xml", source.signal, units={"V1": "mmHg"})
     text = good.decode()
     start = text.index("<digits>") + len("<digits>")
@@ -183,3 +164,72 @@ def test_shard_command_lists_bad_files_unknown_leads_and_units(source, tmp_path:
     assert ("icu.xml", "signals not in a voltage ignored: MDC_PRESS_BLD_ART (mm[Hg])") in warnings
     assert ("icu.xml", "non-standard signals ignored: V7") in warnings
     assert Manifest.load(out).n_segments == 2 and Manifest.load(out).targets == {}
+
+
+# --- interpretation statements: the multi-label target ``diagnosis`` -------------------------------------------------
+
+MDC = "2.16.840.1.113883.6.24"
+STATEMENTS = {
+    "stmt_a": ["Sinus rhythm", "Left axis deviation"],
+    "stmt_b": ["Sinus rhythm", "Left ventricular hypertrophy", "Abnormal ECG"],
+    "stmt_none": [],
+}
+
+
+def add_interpretation(path: Path, statements: list[str], series: str = "RHYTHM") -> Path:
+    """Give ``series`` an annotation set as the FDA's aECG guide writes it: a heart-rate measurement, and the
+    statements nested in an ``MDC_ECG_INTERPRETATION`` annotation with a comment and a blank statement (neither is
+    a statement)."""
+    root = etree.fromstring(path.read_bytes())
+    target = next(s for s in root.iter(f"{{{V3}}}series", f"{{{V3}}}derivedSeries") if s[0].get("code") == series)
+    annotation_set = el(el(target, "subjectOf"), "annotationSet")
+    el(annotation_set, "activityTime", value="20021122091000")
+    rate = el(el(annotation_set, "component"), "annotation")
+    el(rate, "code", code="MDC_ECG_HEART_RATE", codeSystem=MDC)
+    el(rate, "value", value="72", unit="bpm").set(f"{{{XSI}}}type", "PQ")
+    interpretation = el(el(annotation_set, "component"), "annotation")
+    el(interpretation, "code", code="MDC_ECG_INTERPRETATION", codeSystem=MDC)
+    texts = [*((s, "STATEMENT") for s in statements), ("Confirmed by Dr. Who", "COMMENT"), ("  ", "STATEMENT")]
+    for text, kind in texts if statements else []:
+        statement = el(el(interpretation, "component"), "annotation")
+        el(statement, "code", code=f"MDC_ECG_INTERPRETATION_{kind}", codeSystem=MDC)
+        value = el(statement, "value")
+        value.set(f"{{{XSI}}}type", "ST")
+        value.text = f"\n  {text}  "
+    path.write_bytes(etree.tostring(root, xml_declaration=True, encoding="UTF-8"))
+    return path
+
+
+def test_interpretation_statements_become_the_diagnosis_target(source, tmp_path: Path) -> None:
+    import h5py
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name, statements in STATEMENTS.items():  # stmt_b's statements sit in the representative beat's series
+        series = "REPRESENTATIVE_BEAT" if name == "stmt_b" else "RHYTHM"
+        add_interpretation(write_aecg(folder / f"{name}.xml", source.signal), statements, series)
+    record = AecgXmlReader().read(folder / "stmt_a.xml")
+    assert record.metadata["diagnosis"] == ["Sinus rhythm", "Left axis deviation"]  # no rate, comment or blank
+    out = tmp_path / "out"
+    assert main(["shard", "--source", str(folder), "--out", str(out), "--reader", "aecg_xml"]) == 0
+    manifest = Manifest.load(out)
+    names = ["Abnormal ECG", "Left axis deviation", "Left ventricular hypertrophy", "Sinus rhythm"]
+    assert manifest.targets["diagnosis"].kind == "multilabel" and manifest.targets["diagnosis"].names == names
+    with h5py.File(out / manifest.shards[0]["path"]) as f:
+        rows = dict(zip(f["record_id"].asstr()[:], f["targets/diagnosis"][:].tolist(), strict=True))
+    none = np.array(rows.pop("stmt_none"))
+    assert rows == {
+        "stmt_a": [0.0, 1.0, 0.0, 1.0],
+        "stmt_b": [1.0, 0.0, 1.0, 1.0],
+    }
+    assert np.isnan(none).all()  # no statement: unlabelled (NaN, masked), not negative for every label
+    off = tmp_path / "off"
+    assert main(["shard", "--source", str(folder), "--out", str(off), "--reader", "aecg_xml",
+                 "--reader_options", "{diagnosis: false}"]) == 0  # fmt: skip
+    assert Manifest.load(off).targets == {}
+    table = tmp_path / "labels.csv"
+    table.write_text("record,potassium\nstmt_a,4.1\nstmt_b,5.6\nstmt_none,3.9\n")
+    labelled = tmp_path / "labelled"
+    assert main(["shard", "--source", str(folder), "--out", str(labelled), "--reader", "aecg_xml",
+                 "--labels", str(table), "--regression", "{potassium: [potassium]}"]) == 0  # fmt: skip
+    assert list(Manifest.load(labelled).targets) == ["potassium"]  # a label table replaces the file's statements

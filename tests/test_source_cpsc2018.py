@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import scipy.io
 
+from ecgfm.bench.record_formats import write_cpsc2018
 from ecgfm.data.convert import convert
 from ecgfm.data.sources import ChallengeReader, Cpsc2018Reader, RecordError, WfdbReader
 from ecgfm.data.sources.cpsc2018 import CPSC2018_CLASSES, read_reference
@@ -43,17 +44,12 @@ def recordings(test_data: Path) -> dict[str, np.ndarray]:
     }
 
 
-def _save(path: Path, data: np.ndarray, sex: str = "Male", age: float = 74) -> Path:
-    scipy.io.savemat(str(path), {"ECG": {"sex": sex, "age": age, "data": data}})
-    return path
-
-
 @pytest.fixture
 def folder(tmp_path, recordings) -> Path:
     src = tmp_path / "TrainingSet1"
     src.mkdir()
     for k, (name, data) in enumerate(recordings.items()):
-        _save(src / f"{name}.mat", data, "Female" if k % 2 else "Male", 40 + k)
+        write_cpsc2018(src / f"{name}.mat", data, 500, STANDARD_LEADS, sex="Female" if k % 2 else "Male", age=40 + k)
     (src / "REFERENCE.csv").write_text(REFERENCE)
     return src
 
@@ -78,7 +74,7 @@ def test_reads_the_struct_in_mv_with_its_labels(folder, recordings):
 def test_converts_with_labels_and_reasons(folder, tmp_path, recordings):
     (folder / "A0006.mat").write_bytes(b"MATLAB 5.0 MAT-file, truncated")
     scipy.io.savemat(str(folder / "A0007.mat"), {"val": recordings["A0001"].astype(np.int16)})
-    _save(folder / "A0008.mat", recordings["A0001"].T)
+    scipy.io.savemat(str(folder / "A0008.mat"), {"ECG": {"sex": "Male", "age": 74, "data": recordings["A0001"].T}})
     summary = convert(folder, tmp_path / "out", reader="cpsc2018", progress=False)
     reasons = dict(summary.skipped)
     assert summary.records_read == 4 and summary.segments_written == 1 + 1 + 3 + 1
@@ -108,7 +104,7 @@ def test_converts_with_labels_and_reasons(folder, tmp_path, recordings):
 def test_reference_option_and_missing_table(tmp_path, recordings):
     src = tmp_path / "records"
     src.mkdir()
-    _save(src / "A0001.mat", recordings["A0001"])
+    write_cpsc2018(src / "A0001.mat", recordings["A0001"], 500, STANDARD_LEADS)
     alone = Cpsc2018Reader().read(src / "A0001.mat")
     assert alone.metadata["labels"] is None and "no REFERENCE.csv beside A0001.mat" in alone.metadata["warnings"][0]
     table = tmp_path / "labels" / "REFERENCE.csv"

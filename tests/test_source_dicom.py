@@ -12,6 +12,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+from ecgfm.bench import record_formats
+from ecgfm.bench.record_formats import dicom_code as code
 from ecgfm.commands import main
 from ecgfm.data.shards import Manifest
 from ecgfm.data.sources import DicomReader, RecordError
@@ -19,17 +21,6 @@ from ecgfm.data.sources.dicom import channel_name
 from ecgfm.leads import STANDARD_LEADS
 from ecgfm.registry import SOURCES
 
-TWELVE_LEAD = "1.2.840.10008.5.1.4.1.1.9.1.1"
-#: The channel source of each lead as GE and Philips write it (SCP-ECG code values, meanings with the system).
-MEANINGS = {
-    "I": ("5.6.3-9-1", "Lead I (Einthoven)"),
-    "II": ("5.6.3-9-2", "Lead II"),
-    "III": ("5.6.3-9-61", "Lead III"),
-    "aVR": ("5.6.3-9-62", "Lead aVR"),
-    "aVL": ("5.6.3-9-63", "Lead aVL"),
-    "aVF": ("5.6.3-9-64", "Lead aVF"),
-    **{f"V{i}": (f"5.6.3-9-{i + 2}", f"Lead V{i}") for i in range(1, 7)},
-}
 SHUFFLED = ["V3", "I", "aVL", "II", "V1", "III", "aVR", "aVF", "V2", "V4", "V5", "V6"]
 
 
@@ -41,82 +32,26 @@ def source(test_data: Path):
     return record
 
 
-def code(value: str, scheme: str, meaning: str) -> Dataset:
-    item = Dataset()
-    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, scheme, meaning
-    return item
-
-
-def group(
+def write_dicom(
+    path: Path,
     signal: np.ndarray,
-    names: list[str],
-    label: str,
-    *,
-    fs: float | None = 500.0,
-    sensitivity: float = 2.5,
+    names: list[str] = SHUFFLED,
+    median: bool = True,
     unit: str = "uV",
-    correction: float = 0.976,
-    baseline: float = 0.0,
     channels: list[tuple[str, str, float]] = (),
-) -> Dataset:
-    """A multiplex group: int16 samples = (value / unit - baseline) / (sensitivity * correction), interleaved;
-    ``channels`` adds non-ECG channels as (meaning, unit, scale of lead I)."""
-    item = Dataset()
-    item.MultiplexGroupTimeOffset = "0.0"
-    item.WaveformOriginality = "ORIGINAL" if label == "RHYTHM" else "DERIVED"
-    item.NumberOfWaveformChannels = len(names) + len(channels)
-    item.NumberOfWaveformSamples = signal.shape[1]
-    if fs is not None:
-        item.SamplingFrequency = fs
-    item.MultiplexGroupLabel = label
-    per_unit = {"uV": 1000.0, "mV": 1.0}
-    definitions, columns = [], []
-    for name, lead in [*zip(names, signal, strict=True), *((c[0], signal[0] * c[2]) for c in channels)]:
-        ch_unit = dict((c[0], c[1]) for c in channels).get(name, unit)
-        channel = Dataset()
-        channel.ChannelSourceSequence = Sequence(
-            [
-                code(MEANINGS[name][0], "SCPECG", MEANINGS[name][1])
-                if name in MEANINGS
-                else code(name.upper(), "99LOCAL", name)
-            ]
-        )
-        channel.ChannelSensitivity = sensitivity
-        channel.ChannelSensitivityUnitsSequence = Sequence([code(ch_unit, "UCUM", ch_unit)])
-        channel.ChannelSensitivityCorrectionFactor = correction
-        channel.ChannelBaseline = baseline
-        channel.ChannelSampleSkew = "0"
-        channel.WaveformBitsStored = 16
-        channel.FilterLowFrequency = "0.05"
-        channel.FilterHighFrequency = "150"
-        definitions.append(channel)
-        columns.append(np.rint((lead * per_unit.get(ch_unit, 1.0) - baseline) / (sensitivity * correction)))
-    item.ChannelDefinitionSequence = Sequence(definitions)
-    item.WaveformBitsAllocated = 16
-    item.WaveformSampleInterpretation = "SS"
-    item.WaveformData = np.stack(columns, axis=1).astype("<i2").tobytes()  # C1S1, C2S1, ..., CnS1, C1S2, ...
-    return item
-
-
-def write_dicom(path: Path, signal: np.ndarray, names: list[str] = SHUFFLED, median: bool = True, **options) -> Path:
-    """A 12-Lead ECG Waveform Storage file with patient module, a rhythm group and a median-beat group."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = TWELVE_LEAD
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = TWELVE_LEAD, meta.MediaStorageSOPInstanceUID
-    ds.PatientID, ds.PatientName, ds.PatientAge, ds.PatientSex = "PAT-7", "Test^Patient", "063Y", "M"
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-    ds.Modality, ds.Manufacturer, ds.ContentDate = "ECG", "ecgfm tests", "20240101"
-    rows = [STANDARD_LEADS.index(n) if n in STANDARD_LEADS else 0 for n in names]
-    groups = [group(signal[rows], names, "RHYTHM", **options)]
-    if median:
-        groups.append(group(signal[rows, 1000:1600], names, "MEDIAN BEAT"))
-    ds.WaveformSequence = Sequence(groups)
-    ds.save_as(path, enforce_file_format=True)
-    return path
+    **options,
+) -> Path:
+    """A 12-Lead ECG Waveform Storage file of ``signal`` (mV, standard order) with the leads ``names`` in that order
+    at ``unit``, patient PAT-7 (63, M), a rhythm group and a median-beat group; ``channels`` adds non-ECG channels
+    as (meaning, unit, scale of the first lead)."""
+    rows = signal[[STANDARD_LEADS.index(n) if n in STANDARD_LEADS else 0 for n in names]]
+    rows = np.vstack([rows, *(rows[:1] * scale for _, _, scale in channels)])
+    names = [*names, *(meaning for meaning, _, _ in channels)]
+    units = {name: unit for name in names} | {meaning: ch_unit for meaning, ch_unit, _ in channels}
+    median_mv = rows[:, 1000:1600] if median else None
+    return record_formats.write_dicom(
+        path, rows, 500.0, names, median_mv=median_mv, units=units, patient_id="PAT-7", age=63, sex="M", **options
+    )
 
 
 def test_leads_in_standard_order_scaled_by_sensitivity_and_correction(source, tmp_path: Path) -> None:
@@ -192,10 +127,14 @@ def test_padding_samples_are_nan_and_an_uncalibrated_lead_is_refused(source, tmp
 
 def malformed(source, folder: Path) -> dict[str, str]:
     """Broken DICOM files written into ``folder``: file name -> the reason the reader must give."""
+    import pydicom
+
     good = write_dicom(folder / "good.dcm", source.signal).read_bytes()
     (folder / "truncated.dcm").write_bytes(good[: len(good) // 2])
     (folder / "not_dicom.dcm").write_bytes(b"\x00" * 200)
-    write_dicom(folder / "no_rate.dcm", source.signal, fs=None)
+    no_rate = pydicom.dcmread(write_dicom(folder / "no_rate.dcm", source.signal))
+    del no_rate.WaveformSequence[0].SamplingFrequency
+    no_rate.save_as(folder / "no_rate.dcm")
     write_dicom(folder / "mmhg_lead.dcm", source.signal, unit="mm[Hg]")
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
@@ -243,3 +182,64 @@ def test_shard_command_lists_bad_files_unknown_leads_and_units(source, tmp_path:
     assert ("extra.dcm", "signals not in a voltage ignored: Respiration (Ohm)") in warnings
     assert ("extra.dcm", "non-standard signals ignored: Lead V4R") in warnings
     assert Manifest.load(out).n_segments == 2
+
+
+# --- interpretation statements: the multi-label target ``diagnosis`` -------------------------------------------------
+
+STATEMENTS = {
+    "stmt_a": ["Sinus rhythm", "Left axis deviation"],
+    "stmt_b": ["Sinus rhythm", "Left ventricular hypertrophy", "Abnormal ECG"],
+    "stmt_none": [],
+}
+
+
+def add_annotations(path: Path, statements: list[str]) -> Path:
+    """A ``WaveformAnnotationSequence`` as GE and Philips write it: coded measurements (a ``ConceptNameCodeSequence``
+    with a ``NumericValue``), then one ``UnformattedTextValue`` item per statement (and a blank one, no statement)."""
+    import pydicom
+
+    ds = pydicom.dcmread(path)
+    items = []
+    for meaning, value, unit in [("Heart rate", "72", "/min"), ("QTc interval", "412", "ms")]:
+        item = Dataset()
+        item.ConceptNameCodeSequence = Sequence([code(meaning.upper().replace(" ", "_"), "99LOCAL", meaning)])
+        item.NumericValue = value
+        item.MeasurementUnitsCodeSequence = Sequence([code(unit, "UCUM", unit)])
+        item.AnnotationGroupNumber = 1
+        items.append(item)
+    for text in [*statements, "   "] if statements else []:
+        item = Dataset()
+        item.UnformattedTextValue = f" {text} "
+        item.AnnotationGroupNumber = 2
+        items.append(item)
+    ds.WaveformAnnotationSequence = Sequence(items)
+    ds.save_as(path)
+    return path
+
+
+def test_interpretation_statements_become_the_diagnosis_target(source, tmp_path: Path) -> None:
+    import h5py
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name, statements in STATEMENTS.items():
+        add_annotations(write_dicom(folder / f"{name}.dcm", source.signal, median=False), statements)
+    record = DicomReader().read(folder / "stmt_a.dcm")
+    assert record.metadata["diagnosis"] == ["Sinus rhythm", "Left axis deviation"]  # no measurement, no blank
+    out = tmp_path / "out"
+    assert main(["shard", "--source", str(folder), "--out", str(out), "--reader", "dicom"]) == 0
+    manifest = Manifest.load(out)
+    names = ["Abnormal ECG", "Left axis deviation", "Left ventricular hypertrophy", "Sinus rhythm"]
+    assert manifest.targets["diagnosis"].kind == "multilabel" and manifest.targets["diagnosis"].names == names
+    with h5py.File(out / manifest.shards[0]["path"]) as f:
+        rows = dict(zip(f["record_id"].asstr()[:], f["targets/diagnosis"][:].tolist(), strict=True))
+    none = np.array(rows.pop("stmt_none"))
+    assert rows == {
+        "stmt_a": [0.0, 1.0, 0.0, 1.0],
+        "stmt_b": [1.0, 0.0, 1.0, 1.0],
+    }
+    assert np.isnan(none).all()  # no statement: unlabelled (NaN, masked), not negative for every label
+    off = tmp_path / "off"
+    assert main(["shard", "--source", str(folder), "--out", str(off), "--reader", "dicom",
+                 "--reader_options", "{diagnosis: false}"]) == 0  # fmt: skip
+    assert Manifest.load(off).targets == {}

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-import pyedflib
 import pytest
 
+from ecgfm.bench import record_formats
 from ecgfm.data.convert import convert
 from ecgfm.data.sources import ChallengeReader, EdfReader, RecordError
 from ecgfm.data.sources.edf import edf_lead
@@ -35,50 +35,28 @@ def source(test_data: Path):
     return ChallengeReader().read(test_data / "cinc2021" / "HR06000")
 
 
-def _header(label: str, unit: str, rate: float, values: np.ndarray, bits: int = 16) -> dict:
-    low, high = float(values.min()), float(values.max())
-    if high - low < 1e-6:
-        low, high = low - 1, high + 1
-    return {
-        "label": label,
-        "dimension": unit,
-        "sample_frequency": rate,
-        "physical_min": low,
-        "physical_max": high,
-        "digital_min": -(2 ** (bits - 1)),
-        "digital_max": 2 ** (bits - 1) - 1,
-        "transducer": "",
-        "prefilter": "",
-    }
-
-
-def write_edf(path: Path, record, file_type: int = pyedflib.FILETYPE_EDFPLUS, units=None, extra=True, labels=LABELS):
+def write_edf(path: Path, record, file_type: str = "edf+", units=None, extra=True, labels=LABELS):
     """Write ``record``'s leads (in mV) under Holter labels, V1-V6 in µV (or ``units`` per lead), with a
     respiration (Ohm, 25 Hz) and an SpO2 (%, 1 Hz) channel and, in EDF+/BDF+, patient data and one annotation."""
-    bits = 24 if file_type in (pyedflib.FILETYPE_BDF, pyedflib.FILETYPE_BDFPLUS) else 16
     order = ["I", "II", "III", "aVR", "aVF", "aVL", *[f"V{k}" for k in range(1, 7)]]
     units = units or {lead: ("uV" if lead.startswith("V") else "mV") for lead in order}
-    scale = {"mV": 1.0, "uV": 1000.0, "V": 1e-3}
-    signals, headers = [], []
-    for lead in order:
-        values = record.signal[record.lead_names.index(lead)].astype(np.float64) * scale.get(units[lead], 1.0)
-        signals.append(values)
-        headers.append(_header(labels[lead], units[lead], record.fs, values, bits))
-    if extra:
-        resp = np.interp(np.arange(250) / 25, np.arange(5000) / 500, record.signal[1]) * 100 + 500
-        spo2 = np.full(10, 97.0)
-        signals += [resp, spo2]
-        headers += [_header("Resp", "Ohm", 25, resp, bits), _header("SpO2", "%", 1, spo2, bits)]
-    with pyedflib.EdfWriter(str(path), len(signals), file_type=file_type) as writer:
-        writer.setSignalHeaders(headers)
-        if file_type in (pyedflib.FILETYPE_EDFPLUS, pyedflib.FILETYPE_BDFPLUS):
-            writer.setPatientCode("P0042")
-            writer.setSex(1)
-            writer.setBirthdate(date(1950, 6, 30))
-            writer.setStartdatetime(datetime(2020, 3, 1, 10, 0, 0))
-            writer.writeAnnotation(2.0, -1, "arousal")
-        writer.writeSamples(signals)
-    return path
+    resp = np.interp(np.arange(250) / 25, np.arange(5000) / 500, record.signal[1]) * 100 + 500
+    other = [("Resp", "Ohm", 25, resp), ("SpO2", "%", 1, np.full(10, 97.0))] if extra else []
+    return record_formats.write_edf(
+        path,
+        record.signal[[record.lead_names.index(lead) for lead in order]],
+        record.fs,
+        order,
+        file_type=file_type,
+        labels=labels,
+        units=units,
+        other_channels=other,
+        patient_code="P0042",
+        sex="M",
+        birthdate=date(1950, 6, 30),
+        start=datetime(2020, 3, 1, 10, 0, 0),
+        annotations=[(2.0, "arousal")],
+    )
 
 
 def test_labels_name_the_leads():
@@ -92,9 +70,9 @@ def test_labels_name_the_leads():
 @pytest.mark.parametrize(
     "file_type, suffix, tolerance",
     [
-        (pyedflib.FILETYPE_EDFPLUS, "edf", 2e-4),
-        (pyedflib.FILETYPE_BDFPLUS, "bdf", 2e-5),
-        (pyedflib.FILETYPE_EDF, "edf", 2e-4),
+        ("edf+", "edf", 2e-4),
+        ("bdf+", "bdf", 2e-5),
+        ("edf", "edf", 2e-4),
     ],
     ids=["edf+", "bdf+", "edf"],
 )
@@ -109,7 +87,7 @@ def test_reads_the_source_values_in_mv(tmp_path, source, file_type, suffix, tole
         expected = source.signal[source.lead_names.index(lead)]
         np.testing.assert_allclose(rec.signal[row], expected, atol=tolerance * max(1.0, np.ptp(expected)))
     assert rec.metadata["warnings"] == ["channels ignored, not an ECG lead: Resp (Ohm), SpO2 (%)"]
-    if file_type != pyedflib.FILETYPE_EDF:
+    if file_type != "edf":
         assert rec.patient_id == "P0042" and rec.metadata["sex"] == "M" and rec.metadata["age"] == 69
 
 
@@ -117,7 +95,7 @@ def test_converts_in_the_standard_lead_order(tmp_path, source):
     src = tmp_path / "src"
     src.mkdir()
     write_edf(src / "a.edf", source)
-    write_edf(src / "b.BDF", source, pyedflib.FILETYPE_BDFPLUS)
+    write_edf(src / "b.BDF", source, "bdf+")
     (src / "notes.txt").write_text("not a recording")
     summary = convert(src, tmp_path / "out", reader="edf", progress=False)
     assert summary.records_read == 2 and summary.segments_written == 2 and not summary.skipped
@@ -133,13 +111,11 @@ def test_converts_in_the_standard_lead_order(tmp_path, source):
 
 
 def test_leads_at_different_rates_meet_at_the_fastest(tmp_path, source):
-    path = tmp_path / "rates.edf"
     lead_ii = source.signal[1].astype(np.float64)
     fast = np.interp(np.arange(10000) / 1000, np.arange(5000) / 500, lead_ii)
-    headers = [_header("ECG I", "mV", 500, source.signal[0]), _header("ECG II", "mV", 1000, fast)]
-    with pyedflib.EdfWriter(str(path), 2, file_type=pyedflib.FILETYPE_EDFPLUS) as writer:
-        writer.setSignalHeaders(headers)
-        writer.writeSamples([source.signal[0].astype(np.float64), fast])
+    path = record_formats.write_edf(
+        tmp_path / "rates.edf", source.signal[:1], 500, ["I"], units="mV", other_channels=[("ECG II", "mV", 1000, fast)]
+    )
     rec = EdfReader().read(path)
     assert rec.fs == 1000 and rec.signal.shape == (2, 10000)
     assert "channel ECG I: 500 Hz resampled to 1000 Hz, the rate of the fastest ECG lead" in rec.metadata["warnings"]

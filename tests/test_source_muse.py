@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 from lxml import etree
 
+from ecgfm.bench import record_formats
+from ecgfm.bench.record_formats import MUSE_UV_PER_BIT as UV_PER_BIT
 from ecgfm.commands import main
 from ecgfm.data.convert import convert
 from ecgfm.data.shards import Manifest
@@ -20,7 +22,6 @@ from ecgfm.data.sources import MuseXmlReader, RecordError
 from ecgfm.leads import STANDARD_LEADS
 from ecgfm.registry import SOURCES
 
-UV_PER_BIT = 4.88
 EIGHT = ["I", "II", "V1", "V2", "V3", "V4", "V5", "V6"]  # what MUSE stores
 RECORDS = {
     "HR06000": ["Sinus rhythm", "Left axis deviation", "Abnormal ECG"],
@@ -37,65 +38,21 @@ def sources(test_data: Path) -> dict:
     return records
 
 
-def to_digital(mv: np.ndarray) -> np.ndarray:
-    """mV -> MUSE's int16 at 4.88 µV per bit."""
-    return np.rint(mv * 1000.0 / UV_PER_BIT).astype("<i2")
-
-
-def sub(parent: etree._Element, tag: str, text: object = None) -> etree._Element:
-    element = etree.SubElement(parent, tag)
-    if text is not None:
-        element.text = str(text)
-    return element
-
-
-def waveform(root, kind: str, signal: np.ndarray, names: list[str], units: str = "MICROVOLTS", base: int | None = 500):
-    wave = sub(root, "Waveform")
-    sub(wave, "WaveformType", kind)
-    sub(wave, "WaveformStartTime", 0)
-    sub(wave, "NumberofLeads", len(names))
-    sub(wave, "SampleType", "CONTINUOUS_SAMPLES")
-    if base is not None:
-        sub(wave, "SampleBase", base)
-        sub(wave, "SampleExponent", 0)
-    for name, lead in zip(names, signal, strict=True):
-        digital = to_digital(lead)
-        data = sub(wave, "LeadData")
-        sub(data, "LeadByteCountTotal", 2 * len(digital))
-        sub(data, "LeadSampleCountTotal", len(digital))
-        sub(data, "LeadAmplitudeUnitsPerBit", UV_PER_BIT)
-        sub(data, "LeadAmplitudeUnits", units)
-        sub(data, "LeadID", name)
-        sub(data, "LeadSampleSize", 2)
-        encoded = base64.b64encode(digital.tobytes()).decode()
-        sub(data, "WaveFormData", "\n".join(encoded[i : i + 76] for i in range(0, len(encoded), 76)))
-    return wave
-
-
 def write_muse(path: Path, record, statements: list[str], names: list[str] = EIGHT, **options) -> Path:
     """A MUSE export of a real record: demographics, diagnosis, a median beat (1.2 s) and the 10-s rhythm."""
     rows = [STANDARD_LEADS.index(n) if n in STANDARD_LEADS else 6 for n in names]
-    root = etree.Element("RestingECG")
-    sub(sub(root, "MuseInfo"), "MuseVersion", "8.0.2.10132")
-    demographics = sub(root, "PatientDemographics")
-    sub(demographics, "PatientID", f"P-{record.record_id}")
-    sub(demographics, "PatientAge", record.metadata["age"])
-    sub(demographics, "AgeUnits", "YEARS")
-    sub(demographics, "Gender", {"M": "MALE", "F": "FEMALE"}[record.metadata["sex"]])
-    test = sub(root, "TestDemographics")
-    sub(test, "AcquisitionDate", "11-22-2019")
-    sub(test, "AcquisitionTime", "09:10:00")
-    diagnosis = sub(root, "Diagnosis")
-    sub(diagnosis, "Modality", "RESTING")
-    for text in statements:
-        statement = sub(diagnosis, "DiagnosisStatement")
-        sub(statement, "StmtFlag", "ENDSLINE")
-        sub(statement, "StmtText", text)
-    waveform(root, "Median", record.signal[rows, 1000:1600], names)
-    waveform(root, "Rhythm", record.signal[rows], names, **options)
-    header = b'<?xml version="1.0" encoding="ISO-8859-1"?>\n<!DOCTYPE RestingECG SYSTEM "restecg.dtd">\n'
-    path.write_bytes(header + etree.tostring(root, pretty_print=True))
-    return path
+    return record_formats.write_muse(
+        path,
+        record.signal[rows],
+        record.fs,
+        names,
+        median_mv=record.signal[rows, 1000:1600],
+        patient_id=f"P-{record.record_id}",
+        age=record.metadata["age"],
+        sex=record.metadata["sex"],
+        statements=statements,
+        **options,
+    )
 
 
 @pytest.fixture
@@ -173,8 +130,11 @@ def malformed(sources, folder: Path) -> dict[str, str]:
     odd = base64.b64encode(b"\x01\x02\x03").decode()  # valid base64 of 3 bytes: not whole int16 samples
     end = text.index("</WaveFormData>", start)
     (folder / "odd_bytes.xml").write_bytes((text[:start] + odd + text[end:]).encode("latin-1"))
-    write_muse(folder / "no_rate.xml", record, [], base=None)
-    write_muse(folder / "nanovolts.xml", record, [], units="NANOVOLTS")
+    no_rate = etree.fromstring(write_muse(folder / "no_rate.xml", record, []).read_bytes())
+    for element in no_rate.xpath("Waveform[WaveformType='Rhythm']/*[self::SampleBase or self::SampleExponent]"):
+        element.getparent().remove(element)
+    (folder / "no_rate.xml").write_bytes(etree.tostring(no_rate))
+    write_muse(folder / "nanovolts.xml", record, [], amplitude_units="NANOVOLTS")
     (folder / "aecg.xml").write_text('<AnnotatedECG xmlns="urn:hl7-org:v3"/>')
     return {
         "truncated.xml": "malformed XML",
@@ -243,3 +203,10 @@ def test_a_changed_export_rebuilds_its_shard(sources, folder: Path, tmp_path: Pa
     halved = replace(sources["E07500"], signal=sources["E07500"].signal / 2)  # same labels, other samples
     write_muse(folder / "MUSE_E07500.xml", halved, RECORDS["E07500"])
     assert convert(folder, out, reader="muse_xml", progress=False).shards_rebuilt == 1
+
+
+def test_a_record_without_statements_is_unlabelled_not_negative() -> None:
+    from ecgfm.data.sources.base import statement_targets
+
+    assert statement_targets(["Sinus rhythm"], ["Atrial fibrillation", "Sinus rhythm"]).tolist() == [0.0, 1.0]
+    assert np.isnan(statement_targets([], ["Atrial fibrillation", "Sinus rhythm"])).all()

@@ -42,6 +42,7 @@ commands:
   synth                             write synthetic 12-lead shards with known potassium and lab values
   bench data                        loader, conversion and index benchmarks against same-run baselines
   bench shard                       conversion records/s per core and the speed-up of N parts over 1 process
+  bench readers                     records/s per core of every reader on the same recordings, same signal checked
   bench metrics                     multi-label metrics, 1,200 labels x 1,000,000 samples: memory, time, torchmetrics
   bench distillation                lead-I students with and without a 12-lead teacher, synthetic potassium: test MAE
   bench infer                       one prediction's latency and throughput: eager vs TorchScript vs ONNX Runtime

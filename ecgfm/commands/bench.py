@@ -1,5 +1,5 @@
-"""``ecgfm bench data | shard | metrics | distillation | infer | embed | train | eval``: benchmarks measured against a
-baseline run beside them."""
+"""``ecgfm bench data | shard | readers | metrics | distillation | infer | embed | train | eval``: benchmarks measured
+against a baseline run beside them."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from jsonargparse import ArgumentParser
 
 USAGE = """usage: ecgfm bench data [--segments N] [--wfdb_records N] [--index_segments N] ...
        ecgfm bench shard [--records N] [--parts N] [--records_per_shard N] [--repeats N]
+       ecgfm bench readers [--records N] [--repeats N] [--formats '[wfdb, edf, dicom]'] [--json_out FILE]
        ecgfm bench metrics [--labels N] [--samples N] [--batch N] [--bins N] ...
        ecgfm bench distillation [--out DIR] [--n_segments N] [--seeds '[0,1,2]'] [--label_fraction F] ...
        ecgfm bench infer [--backbones '[net1d-small, ecgfounder-12lead]'] [--repeats N] [--batch N] [--quick true]
@@ -22,6 +23,7 @@ USAGE = """usage: ecgfm bench data [--segments N] [--wfdb_records N] [--index_se
 BENCHMARKS = {
     "data": ("data", "run_data_benchmark"),
     "shard": ("shard", "run_shard_benchmark"),
+    "readers": ("readers", "run_readers_benchmark"),
     "metrics": ("metrics", "run_metrics_benchmark"),
     "distillation": ("distillation", "run_distillation_benchmark"),
     "infer": ("infer", "run_infer_benchmark"),

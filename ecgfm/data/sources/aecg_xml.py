@@ -2,7 +2,9 @@
 
 A series holds a sequence set: one time sequence (``TIME_ABSOLUTE`` or ``TIME_RELATIVE``, whose ``increment`` is
 the sampling interval) and one ``SLIST_PQ`` sequence per lead, ``value = origin + scale * digit``, with the lead
-named by its MDC code (``MDC_ECG_LEAD_I``, ``MDC_ECG_LEAD_AVR``, ``MDC_ECG_LEAD_V1``...).
+named by its MDC code (``MDC_ECG_LEAD_I``, ``MDC_ECG_LEAD_AVR``, ``MDC_ECG_LEAD_V1``...). The interpretation is a set
+of ``MDC_ECG_INTERPRETATION_STATEMENT`` annotations (text values, usually nested in an ``MDC_ECG_INTERPRETATION``
+annotation of an ``annotationSet``), which become the multi-label target ``diagnosis`` as in ``muse_xml``.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from pathlib import Path
 import numpy as np
 from lxml import etree
 
-from ecgfm.data.sources.base import Record, RecordError, SourceReader, is_voltage, mv_per_unit
+from ecgfm.data.shards import TargetSpec
+from ecgfm.data.sources.base import Record, RecordError, SourceReader, is_voltage, mv_per_unit, statement_targets
 from ecgfm.data.sources.muse_xml import find_xml_files, named_leads, parse_xml_file
 from ecgfm.leads import canonical_lead
 from ecgfm.registry import SOURCES
@@ -27,6 +30,8 @@ TIME_CODES = ("TIME_ABSOLUTE", "TIME_RELATIVE")
 SERIES_CODES = {"rhythm": "RHYTHM", "median": "REPRESENTATIVE_BEAT"}
 #: Seconds per unit of the time increment (UCUM).
 _SECONDS = {"s": 1.0, "ms": 1e-3, "us": 1e-6}
+#: The MDC code of one interpretation statement (a measurement such as ``MDC_ECG_HEART_RATE`` is not one).
+STATEMENT_CODE = "MDC_ECG_INTERPRETATION_STATEMENT"
 
 
 def lead_name(code: str) -> str:
@@ -34,6 +39,18 @@ def lead_name(code: str) -> str:
     (``MDC_ECG_LEAD_V7`` -> ``V7``), so the converter lists them as non-standard signals."""
     short = code[len(LEAD_PREFIX) :] if code.upper().startswith(LEAD_PREFIX) else code
     return canonical_lead(short) or short
+
+
+def interpretation_statements(root: etree._Element) -> list[str]:
+    """The text of every ``MDC_ECG_INTERPRETATION_STATEMENT`` annotation in the document, whitespace collapsed,
+    empty ones left out, each once in document order."""
+    found: dict[str, None] = {}
+    path = f".//v3:annotation[v3:code/@code='{STATEMENT_CODE}']/v3:value"
+    for value in root.xpath(path, namespaces=NS):
+        text = " ".join("".join(value.itertext()).split())
+        if text:
+            found[text] = None
+    return list(found)
 
 
 def _quantity(element: etree._Element | None, what: str, path: Path) -> tuple[float, str | None] | None:
@@ -103,18 +120,34 @@ def _series(root: etree._Element, code: str, path: Path) -> etree._Element:
 
 @SOURCES.register("aecg_xml")
 class AecgXmlReader(SourceReader):
-    """HL7 aECG files: the rhythm series (or the representative beats) in mV, leads named from their MDC codes.
+    """HL7 aECG files: the rhythm series (or the representative beats) in mV, leads named from their MDC codes,
+    the interpretation statements as the multi-label target ``diagnosis``.
+
+    The ``diagnosis`` labels are every statement met in the files, sorted (no target when no file has one); as in
+    ``muse_xml``, a record is 1 for each of its own statements and 0 for the others, and a record without any
+    statement is unlabelled (NaN), not negative for every label. A label table (``--labels``) replaces it.
 
     Args:
         waveform: ``rhythm`` (the ``RHYTHM`` series, default) or ``median`` (the ``REPRESENTATIVE_BEAT`` series).
+        diagnosis: read the ``MDC_ECG_INTERPRETATION_STATEMENT`` annotations as the ``diagnosis`` target
+            (default); false (or null) for no target.
         derive_limb_leads: compute III, aVR, aVL, aVF from I and II when the file lacks them.
         pattern: which files under ``--source`` are records (``*.xml``, any case, by default).
     """
 
-    def __init__(self, waveform: str = "rhythm", derive_limb_leads: bool = True, pattern: str = "*.xml"):
+    def __init__(
+        self,
+        waveform: str = "rhythm",
+        diagnosis: bool | None = True,
+        derive_limb_leads: bool = True,
+        pattern: str = "*.xml",
+    ):
         if str(waveform).lower() not in SERIES_CODES:
             raise ValueError(f"aecg_xml: waveform must be one of {sorted(SERIES_CODES)}, got {waveform!r}")
+        if diagnosis not in (True, False, None):
+            raise ValueError(f"aecg_xml: diagnosis must be true, false or null, got {diagnosis!r}")
         self.series_code = SERIES_CODES[str(waveform).lower()]
+        self.diagnosis = bool(diagnosis)
         self.derive = bool(derive_limb_leads)
         self.pattern = pattern
 
@@ -122,8 +155,29 @@ class AecgXmlReader(SourceReader):
         """Every XML file under ``root`` (or ``root`` itself); files of other XML formats fail in ``read``."""
         return find_xml_files(root, self.pattern)
 
+    def target_specs(self, paths: list[Path]) -> dict[str, TargetSpec]:
+        """The ``diagnosis`` target: every statement met in these files, sorted (none when no file has one)."""
+        if not self.diagnosis:
+            return {}
+        names: set[str] = set()
+        for path in paths:
+            try:
+                root = parse_xml_file(path)
+            except RecordError:
+                continue  # reported when the record itself is read
+            if root.tag == f"{{{HL7}}}AnnotatedECG":
+                names.update(interpretation_statements(root))
+        return {"diagnosis": TargetSpec("multilabel", sorted(names))} if names else {}
+
+    def targets(self, record: Record, specs: dict[str, TargetSpec]) -> dict[str, np.ndarray]:
+        """1 for each of the record's statements, 0 for the others; NaN (unlabelled) for a record without any."""
+        if "diagnosis" not in specs:
+            return {}
+        return {"diagnosis": statement_targets(record.metadata.get("diagnosis", []), specs["diagnosis"].names)}
+
     def read(self, path: Path) -> Record:
-        """Read one aECG file as float32 mV [L, T]; the trial subject's id is the patient id."""
+        """Read one aECG file as float32 mV [L, T]; the trial subject's id is the patient id, the interpretation
+        statements go to the metadata as ``diagnosis``."""
         path = Path(path)
         root = parse_xml_file(path)
         if root.tag != f"{{{HL7}}}AnnotatedECG":
@@ -184,6 +238,7 @@ class AecgXmlReader(SourceReader):
             path=path,
             metadata={
                 "sex": sex if sex in ("M", "F") else None,
+                "diagnosis": interpretation_statements(root) if self.diagnosis else [],
                 "codes": codes,
                 "units": units,
                 "waveform": self.series_code,

@@ -74,6 +74,16 @@ class SourceReader(ABC):
         """Read the record at ``path`` (with or without ``.hea``); raises RecordError if it cannot be read."""
 
 
+def statement_targets(statements: Sequence[str], names: Sequence[str]) -> np.ndarray:
+    """A record's interpretation statements as a multi-label row over ``names``: 1 for each of its statements, 0 for
+    the others; a record without any statement is unlabelled (a NaN row), since an uninterpreted ECG is not a normal
+    one (as PTB-XL's diagnostic sets treat a record without a statement)."""
+    if not statements:
+        return np.full(len(names), np.nan, np.float32)
+    present = set(statements)
+    return np.array([float(name in present) for name in names], np.float32)
+
+
 def record_base(path: Path) -> Path:
     """The record path without a ``.hea`` suffix, so users may pass either form."""
     path = Path(path)

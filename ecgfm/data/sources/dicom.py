@@ -2,7 +2,8 @@
 
 Samples are taken raw from pydicom and scaled here, channel by channel: ``pydicom``'s ``waveform_array`` assumes a
 sensitivity of 1 where a channel has none and leaves values in each channel's own unit (µV or mV), while a shard
-needs every lead in mV and a channel without calibration refused.
+needs every lead in mV and a channel without calibration refused. The interpretation statements (the text items of
+the ``WaveformAnnotationSequence``) become the multi-label target ``diagnosis`` as in ``muse_xml``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from ecgfm.data.shards import TargetSpec
 from ecgfm.data.sources.base import (
     Record,
     RecordError,
@@ -21,6 +23,7 @@ from ecgfm.data.sources.base import (
     is_voltage,
     mv_per_unit,
     parse_sex,
+    statement_targets,
 )
 from ecgfm.data.sources.muse_xml import named_leads
 from ecgfm.leads import canonical_lead
@@ -96,6 +99,18 @@ def _is_median(group: Any) -> bool:
     return "MEDIAN" in label or "BEAT" in label or str(group.get("WaveformOriginality", "")).upper() == "DERIVED"
 
 
+def interpretation_statements(ds: Any) -> list[str]:
+    """The statements of a dataset: the ``UnformattedTextValue`` of each ``WaveformAnnotationSequence`` item,
+    whitespace collapsed, empty ones left out, each once in file order. Coded items (``ConceptNameCodeSequence``
+    with a ``NumericValue``: heart rate, QT...) are measurements, not statements, and have no such text."""
+    found: dict[str, None] = {}
+    for item in ds.get("WaveformAnnotationSequence") or []:
+        text = " ".join(str(item.get("UnformattedTextValue", "") or "").split())
+        if text:
+            found[text] = None
+    return list(found)
+
+
 def parse_dicom_age(text: str | None) -> int | None:
     """DICOM's ``PatientAge`` (``052Y``; months, weeks and days are under one year) in whole years."""
     match = re.fullmatch(r"(\d{1,3})([YMWD])", (text or "").strip().upper())
@@ -107,19 +122,34 @@ def parse_dicom_age(text: str | None) -> int | None:
 @SOURCES.register("dicom")
 class DicomReader(SourceReader):
     """DICOM ECG waveform files: the rhythm multiplex group (or the median beats) in mV, leads named from each
-    channel's source code.
+    channel's source code, the interpretation statements as the multi-label target ``diagnosis``.
+
+    The ``diagnosis`` labels are every statement met in the files, sorted (no target when no file has one); as in
+    ``muse_xml``, a record is 1 for each of its own statements and 0 for the others, and a record without any
+    statement is unlabelled (NaN), not negative for every label. A label table (``--labels``) replaces it.
 
     Args:
         waveform: ``rhythm`` (the original recording, default) or ``median`` (a derived median-beat group).
+        diagnosis: read the text items of the ``WaveformAnnotationSequence`` as the ``diagnosis`` target
+            (default); false (or null) for no target.
         derive_limb_leads: compute III, aVR, aVL, aVF from I and II when the file lacks them.
         pattern: which files under ``--source`` are records (``*.dcm``, any case, by default; ``*`` for files
             without a suffix, as archives often store them).
     """
 
-    def __init__(self, waveform: str = "rhythm", derive_limb_leads: bool = True, pattern: str = "*.dcm"):
+    def __init__(
+        self,
+        waveform: str = "rhythm",
+        diagnosis: bool | None = True,
+        derive_limb_leads: bool = True,
+        pattern: str = "*.dcm",
+    ):
         if str(waveform).lower() not in ("rhythm", "median"):
             raise ValueError(f"dicom: waveform must be rhythm or median, got {waveform!r}")
+        if diagnosis not in (True, False, None):
+            raise ValueError(f"dicom: diagnosis must be true, false or null, got {diagnosis!r}")
         self.median = str(waveform).lower() == "median"
+        self.diagnosis = bool(diagnosis)
         self.derive = bool(derive_limb_leads)
         self.pattern = pattern
 
@@ -134,15 +164,34 @@ class DicomReader(SourceReader):
             return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() == ".dcm")
         return sorted(p for p in root.rglob(self.pattern) if p.is_file() and not p.name.startswith("."))
 
-    def _load(self, path: Path) -> Any:
-        """The dataset of ``path``; a RecordError for a missing, non-DICOM or damaged file."""
+    def target_specs(self, paths: list[Path]) -> dict[str, TargetSpec]:
+        """The ``diagnosis`` target: every statement met in these files, sorted (none when no file has one)."""
+        if not self.diagnosis:
+            return {}
+        names: set[str] = set()
+        for path in paths:
+            try:
+                names.update(interpretation_statements(self._load(Path(path), ["WaveformAnnotationSequence"])))
+            except RecordError:
+                continue  # reported when the record itself is read
+        return {"diagnosis": TargetSpec("multilabel", sorted(names))} if names else {}
+
+    def targets(self, record: Record, specs: dict[str, TargetSpec]) -> dict[str, np.ndarray]:
+        """1 for each of the record's statements, 0 for the others; NaN (unlabelled) for a record without any."""
+        if "diagnosis" not in specs:
+            return {}
+        return {"diagnosis": statement_targets(record.metadata.get("diagnosis", []), specs["diagnosis"].names)}
+
+    def _load(self, path: Path, tags: list[str] | None = None) -> Any:
+        """The dataset of ``path`` (only ``tags`` when given); a RecordError for a missing, non-DICOM or damaged
+        file."""
         import pydicom  # here, not at the top: every ecgfm command imports the readers, few read DICOM
         from pydicom.errors import InvalidDicomError
 
         if not path.is_file():
             raise RecordError(f"{path}: file not found")
         try:
-            return pydicom.dcmread(path)
+            return pydicom.dcmread(path, specific_tags=tags)
         except InvalidDicomError as exc:
             raise RecordError(f"{path}: not a DICOM file ({exc})") from None
         except Exception as exc:  # pydicom raises many kinds on a damaged file (EOFError, struct.error...)
@@ -162,7 +211,8 @@ class DicomReader(SourceReader):
         raise RecordError(f"{path}: no {wanted} multiplex group (found: {', '.join(labels)})")
 
     def read(self, path: Path) -> Record:
-        """Read one DICOM ECG as float32 mV [L, T]; the patient's id, age and sex come from the dataset."""
+        """Read one DICOM ECG as float32 mV [L, T]; the patient's id, age and sex come from the dataset, the
+        interpretation statements go to the metadata as ``diagnosis``."""
         from pydicom.waveforms.numpy_handler import WAVEFORM_DTYPES, multiplex_array
 
         path = Path(path)
@@ -243,6 +293,7 @@ class DicomReader(SourceReader):
             metadata={
                 "age": parse_dicom_age(ds.get("PatientAge")),
                 "sex": parse_sex(str(ds.get("PatientSex", "") or "")),
+                "diagnosis": interpretation_statements(ds) if self.diagnosis else [],
                 "sop_class": ECG_SOP_CLASSES.get(sop, sop),
                 "sop_instance_uid": str(ds.get("SOPInstanceUID", "") or ""),
                 "multiplex_group": str(group.get("MultiplexGroupLabel", "") or index),

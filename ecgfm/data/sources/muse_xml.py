@@ -24,6 +24,7 @@ from ecgfm.data.sources.base import (
     map_lead_names,
     parse_age,
     parse_sex,
+    statement_targets,
 )
 from ecgfm.leads import STANDARD_LEADS
 from ecgfm.registry import SOURCES
@@ -206,11 +207,10 @@ class MuseXmlReader(SourceReader):
         return {"diagnosis": TargetSpec("multilabel", sorted(names))} if names else {}
 
     def targets(self, record: Record, specs: dict[str, TargetSpec]) -> dict[str, np.ndarray]:
-        """1 for each of the record's statements, 0 for the others."""
+        """1 for each of the record's statements, 0 for the others; NaN (unlabelled) for a record without any."""
         if "diagnosis" not in specs:
             return {}
-        present = set(record.metadata.get("diagnosis", []))
-        return {"diagnosis": np.array([float(n in present) for n in specs["diagnosis"].names], np.float32)}
+        return {"diagnosis": statement_targets(record.metadata.get("diagnosis", []), specs["diagnosis"].names)}
 
     def read(self, path: Path) -> Record:
         """Read one MUSE file as float32 mV [L, T]; ``diagnosis``, age and sex go to the metadata."""
