@@ -25,26 +25,14 @@ SEGMENT_BYTES = len(STANDARD_LEADS) * STANDARD_N_SAMPLES * np.dtype(np.int16).it
 
 def _write_wfdb_records(folder: Path, n: int, seed: int) -> None:
     """n real-format WFDB records (500 Hz, 10 s, 12 leads, format 16) holding synthetic ECGs."""
-    import wfdb
-
+    from ecgfm.bench.record_formats import write_wfdb
     from ecgfm.data.synthetic import synthesize
 
     folder.mkdir(parents=True, exist_ok=True)
     for start in range(0, n, 256):
         signals, _ = synthesize(min(256, n - start), seed=seed + start)
         for i, signal in enumerate(signals):
-            digital = np.clip(np.rint(signal.T * 1000.0), -32767, 32767).astype(np.int16)
-            wfdb.wrsamp(
-                f"rec{start + i:06d}",
-                fs=STANDARD_FS,
-                units=["mV"] * 12,
-                sig_name=list(STANDARD_LEADS),
-                d_signal=digital,
-                fmt=["16"] * 12,
-                adc_gain=[1000.0] * 12,
-                baseline=[0] * 12,
-                write_dir=str(folder),
-            )
+            write_wfdb(folder / f"rec{start + i:06d}", signal, STANDARD_FS, STANDARD_LEADS)
 
 
 def _read_files(paths: list[Path]) -> int:
