@@ -238,6 +238,18 @@ def _write_feature_shard(dest: Path, source: h5py.File, features: np.ndarray, at
             values = dset[:]
             group.create_dataset(name, data=values).attrs.update(dict(dset.attrs))
             checksums[f"/targets/{name}"] = array_checksum(values)
+        if "metadata" in source:  # age, sex, site...: `ecgfm report` on the features breaks results down by them
+            group = f.create_group("metadata")
+            for name, dset in source["metadata"].items():
+                if dset.attrs.get("kind") == "string":
+                    strings = list(dset.asstr()[:])
+                    copy = group.create_dataset(name, data=np.array(strings, dtype=object), dtype=h5py.string_dtype())
+                    checksums[f"/metadata/{name}"] = array_checksum(strings, "str")
+                else:
+                    values = dset[:]
+                    copy = group.create_dataset(name, data=values)
+                    checksums[f"/metadata/{name}"] = array_checksum(values)
+                copy.attrs.update(dict(dset.attrs))
     return dict(sorted(checksums.items()))
 
 
@@ -392,6 +404,7 @@ def _write_manifest(out_root: Path, source_root: Path, source: Manifest, record:
     manifest = Manifest(
         shards=entries,
         targets=source.targets,
+        metadata=source.metadata,
         fs=source.fs,
         n_samples=source.n_samples,
         lead_names=list(source.lead_names),

@@ -331,3 +331,15 @@ def test_bench_embed_times_both_runs_and_reports_matching_metrics(model_dir, tmp
     assert result["val_loss_difference"] < 2e-3 and result["feature_size"] == 32
     printed = console.file.getvalue()
     assert "linear probe through the backbone" in printed and "ecgfm embed:" in printed
+
+
+def test_the_shards_metadata_comes_along_so_reports_on_features_have_subgroups(ludb_shards, model_dir, tmp_path):
+    out = tmp_path / "ludb-features"
+    args = ["embed", "--model", str(model_dir), "--data", str(ludb_shards), "--out", str(out)]
+    assert main([*args, "--device", "cpu", "--no-progress"]) == 0
+    source, stored = Manifest.load(ludb_shards), Manifest.load(out)
+    assert set(stored.metadata) == {"Age", "Sex"} and stored.metadata == source.metadata
+    for entry in source.shards:
+        for name in ("metadata/Age", "metadata/Sex"):
+            np.testing.assert_array_equal(read(out / entry["path"], name), read(ludb_shards / entry["path"], name))
+    assert verify_shards(out) == []  # the copied columns are checksummed like the rest
