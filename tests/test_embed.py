@@ -343,3 +343,12 @@ def test_the_shards_metadata_comes_along_so_reports_on_features_have_subgroups(l
         for name in ("metadata/Age", "metadata/Sex"):
             np.testing.assert_array_equal(read(out / entry["path"], name), read(ludb_shards / entry["path"], name))
     assert verify_shards(out) == []  # the copied columns are checksummed like the rest
+
+
+def test_evaluating_on_a_feature_folder_says_what_to_do_instead(features, shards, model_dir):
+    from ecgfm.data.dataset import ShardDataset
+    from ecgfm.evaluation.units import predict_segments
+
+    with pytest.raises(ValueError, match="is a feature folder") as caught:
+        predict_segments(ECGModel.from_pretrained(model_dir), ShardDataset(str(features)), progress=False)
+    assert "--features-model" in str(caught.value) and str(shards.resolve()) in str(caught.value)

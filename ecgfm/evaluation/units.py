@@ -119,7 +119,12 @@ def predict_segments(
     manifest = dataset.manifest
     source = str(dataset.root / "manifest.json")
     if manifest.features:
-        raise ValueError(f"{source} is a feature folder (ecgfm embed): evaluation reads signal shards")
+        signals = (manifest.source or {}).get("path", "the signal shards it was embedded from")
+        raise ValueError(
+            f"{source} is a feature folder (ecgfm embed): evaluation reads signal shards (saliency and the figures "
+            f"need the ECG). Put the heads on the model that computed the features (ecgfm publish CKPT DIR "
+            f"--features-model MODEL) and report on {signals}"
+        )
     model.input_contract.check_data(manifest.fs, manifest.n_samples, manifest.lead_names, source, repr(model.name))
     columns = lead_indices(model.leads, [lead.strip() for lead in manifest.lead_names])
     model = model.to(device).eval()
