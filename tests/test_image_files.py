@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +17,16 @@ from PIL import Image
 from ecgfm.backbones.config import ContractError
 from ecgfm.commands import main
 from ecgfm.data.image_files import ImageFileDataModule
+from ecgfm.data.page_cache import PageCache, PageCacheError, decode_page, encode_page
 from ecgfm.ecg_paper import PaperECG
-from ecgfm.image_preprocessing import EIANetCleanup, ImageFileError, fit_page, otsu_threshold, read_image
+from ecgfm.image_preprocessing import (
+    EIANetCleanup,
+    ImageFileError,
+    create_image_preprocessing,
+    fit_page,
+    otsu_threshold,
+    read_image,
+)
 from ecgfm.registry import IMAGE_PREPROCESSING, UnknownNameError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -178,3 +188,97 @@ def test_eianet_recipe_fine_tunes_one_batch_with_the_recall_loss(ludb_scans: Pat
     argv += ["--trainer.enable_progress_bar=false", "--trainer.fast_dev_run=true", "--data.batch_size=4"]
     argv += ["--data.num_workers=0", "--model.backbone=image-tiny", "--model.backbone_kwargs.pixels_per_mm=1.0"]
     assert main(argv) == 0
+
+
+def _three_scans(ludb_scans: Path, folder: Path) -> Path:
+    """Copies of the first three scans (PNG and JPEG) with their label rows, in a folder of the test's own."""
+    folder.mkdir()
+    lines = (ludb_scans / "labels.csv").read_text().splitlines()
+    for line in lines[1:4]:
+        shutil.copy2(ludb_scans / line.split(",")[0], folder)
+    (folder / "labels.csv").write_text("\n".join(lines[:4]) + "\n")
+    return folder
+
+
+def _images(folder: Path, chain: dict | str, cache_dir: Path | None, size=(65, 130)) -> list[np.ndarray]:
+    data = ImageFileDataModule(
+        str(folder), str(folder / "labels.csv"), patient_column="patient", multilabel={"diagnoses": ["diagnoses"]},
+        val_fraction=0.0, test_fraction=0.0, cache_dir=str(cache_dir) if cache_dir else None,
+    )  # fmt: skip
+    data.setup("fit")
+    data.use_image_model(size, chain)
+    dataset = data.datasets["all"]
+    return [dataset[i]["image"].numpy() for i in range(len(dataset))]
+
+
+def _bit_equal(a: list[np.ndarray], b: list[np.ndarray]) -> bool:
+    """The same float32 pages, bit for bit."""
+    bits = [(x.dtype, y.dtype, np.array_equal(x.view(np.uint32), y.view(np.uint32))) for x, y in zip(a, b, strict=True)]
+    return all(dx == dy == np.float32 and equal for dx, dy, equal in bits)
+
+
+def test_page_encoding_is_bit_exact():
+    rng = np.random.default_rng(0)
+    many = rng.random((3, 200, 200), dtype=np.float32)  # 120,000 values: stored as they are
+    many[0, 0, :3] = [-0.0, np.nan, np.inf]
+    some = rng.random((3, 20, 30), dtype=np.float32)  # 1,800: a uint16 index
+    gray = np.broadcast_to((rng.integers(0, 17, (20, 30)) / np.float32(16)).astype(np.float32), (3, 20, 30))
+    colour = (rng.integers(0, 256, (3, 20, 30)) / np.float32(255)).astype(np.float32)
+    for page, stored in ((many, None), (some, np.uint16), (np.ascontiguousarray(gray), np.uint8), (colour, np.uint8)):
+        arrays = encode_page(page)
+        assert arrays["index"].dtype == stored if stored else "bits" in arrays
+        assert _bit_equal([decode_page(arrays)], [page])
+    assert encode_page(np.ascontiguousarray(gray))["index"].shape == (1, 20, 30)  # one channel of a gray page
+
+
+def test_page_cache_gives_the_computed_pages_and_computes_each_once(ludb_scans: Path, tmp_path: Path, monkeypatch):
+    folder, cache = _three_scans(ludb_scans, tmp_path / "scans"), tmp_path / "cache"
+    for chain in ("none", CLEANUP):
+        assert _bit_equal(_images(folder, chain, cache), _images(folder, chain, None))
+    calls = []
+    clean = EIANetCleanup.__call__
+    monkeypatch.setattr(
+        EIANetCleanup, "__call__", lambda self, image, size: calls.append(1) or clean(self, image, size)
+    )
+    uncached = _images(folder, CLEANUP, None)
+    assert len(calls) == 3
+    cached = _images(folder, CLEANUP, cache)  # a second run: the pages of the first
+    assert len(calls) == 3 and _bit_equal(cached, uncached)
+    assert len(list(cache.rglob("*.npz"))) == 6  # two chains, three images
+
+
+def test_page_cache_recomputes_edited_images_other_chains_and_broken_files(
+    ludb_scans: Path, tmp_path: Path, monkeypatch
+):
+    folder, cache = _three_scans(ludb_scans, tmp_path / "scans"), tmp_path / "cache"
+    calls = []
+    clean = EIANetCleanup.__call__
+    monkeypatch.setattr(
+        EIANetCleanup, "__call__", lambda self, image, size: calls.append(1) or clean(self, image, size)
+    )
+    first = _images(folder, CLEANUP, cache)
+    assert len(calls) == 3
+    _images(folder, {**CLEANUP, "min_component_px": 10}, cache)  # another clean-up: its own pages
+    assert len(calls) == 6
+    _images(folder, CLEANUP, cache, size=(60, 130))  # another page size
+    assert len(calls) == 9
+    scan = sorted(folder.glob("*.png"))[0]
+    stat = scan.stat()
+    os.utime(scan, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # touched: the image may have changed
+    assert _bit_equal(_images(folder, CLEANUP, cache), first) and len(calls) == 10
+    pages = PageCache(cache)
+    chain = create_image_preprocessing(CLEANUP)
+    files = sorted(p for p in folder.iterdir() if p.suffix != ".csv")
+    broken = [pages.path_of(pages.key(path, (65, 130), chain)) for path in files[:2]]
+    broken[0].write_bytes(broken[0].read_bytes()[:100])  # truncated (a torn write of an older ecgfm, a full disk)
+    broken[1].write_bytes(b"")
+    assert _bit_equal(_images(folder, CLEANUP, cache), first) and len(calls) == 12  # the two computed again ...
+    assert _bit_equal(_images(folder, CLEANUP, cache), first) and len(calls) == 12  # ... and stored again
+    assert not list(cache.rglob(".partial-*"))
+
+
+def test_an_unwritable_page_cache_is_named_at_setup(ludb_scans: Path, tmp_path: Path):
+    folder = _three_scans(ludb_scans, tmp_path / "scans")
+    (tmp_path / "taken").write_text("a file, not a folder")
+    with pytest.raises(PageCacheError, match=r"page cache folder .*taken.*cache cannot be written"):
+        _images(folder, CLEANUP, tmp_path / "taken" / "cache")

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ecgfm.data.index import SPLITS, patient_split
 from ecgfm.data.label_table import LabelTable
+from ecgfm.data.page_cache import PageCache
 from ecgfm.data.shards import TargetSpec, TargetSummary
 from ecgfm.image_preprocessing import IMAGE_SUFFIXES, create_image_preprocessing, read_page
 
@@ -23,7 +24,7 @@ class ImageFileDataset(Dataset):
     """Image files with their targets; each item is ``{"image": [3, H, W], "targets": ..., "target_masks": ...}``.
 
     The page size and preprocessing are set by the model (:meth:`ImageFileDataModule.use_image_model`) before the
-    first item is read.
+    first item is read; with a ``page_cache`` each page is computed once and read back afterwards.
     """
 
     def __init__(
@@ -35,6 +36,7 @@ class ImageFileDataset(Dataset):
         self.targets = targets
         self.page_size: tuple[int, int] | None = None
         self.preprocessing: Any = None
+        self.page_cache: PageCache | None = None
 
     def __len__(self) -> int:
         return len(self.files)
@@ -42,7 +44,10 @@ class ImageFileDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         if self.page_size is None:
             raise RuntimeError("ImageFileDataset has no page size yet: the model sets it (use_image_model)")
-        page = read_page(self.files[i], self.page_size, self.preprocessing)
+        if self.page_cache is not None:
+            page = self.page_cache.read(self.files[i], self.page_size, self.preprocessing)
+        else:
+            page = read_page(self.files[i], self.page_size, self.preprocessing)
         targets = {name: torch.from_numpy(np.nan_to_num(values[i])) for name, values in self.targets.items()}
         masks = {name: torch.from_numpy(np.isfinite(values[i])) for name, values in self.targets.items()}
         return {
@@ -70,6 +75,12 @@ class ImageFileDataModule(L.LightningDataModule):
         batch_size, num_workers: the loaders' (images are decoded and cleaned in the workers).
         val_fraction, test_fraction, split_seed: the patient-level split, by the same hash as shards use.
         predict_split: ``test`` or ``all``.
+        cache_dir: a folder to keep finished pages in (None: none). Each image is then decoded and cleaned once, in
+            the first epoch, and read back in later epochs and later runs; a page is found by the file's path, size,
+            mtime and ctime, the page size, the preprocessing's config and the code that made it, so an edited image
+            or another clean-up is computed afresh, never read stale. Pages are stored exactly and compressed (a
+            cleaned 780 x 390 page takes about 10 kB). The folder is created and must be writable (checked at setup);
+            delete it to reclaim the space.
     """
 
     def __init__(
@@ -87,6 +98,7 @@ class ImageFileDataModule(L.LightningDataModule):
         test_fraction: float = 0.15,
         split_seed: int = 0,
         predict_split: str = "test",
+        cache_dir: str | None = None,
     ):
         super().__init__()
         if not multilabel and not regression:
@@ -103,6 +115,7 @@ class ImageFileDataModule(L.LightningDataModule):
         self.datasets: dict[str, ImageFileDataset] = {}
         self.page_size: tuple[int, int] | None = None
         self.preprocessing: Any = None
+        self.page_cache = PageCache(cache_dir) if cache_dir else None
 
     @property
     def target_specs(self) -> dict[str, TargetSpec]:
@@ -137,6 +150,8 @@ class ImageFileDataModule(L.LightningDataModule):
         if self.datasets:
             return
         hp = self.hparams
+        if self.page_cache is not None:
+            self.page_cache.check_writable()
         files, keys, patients, targets = self._all_rows()
         splits = np.array([patient_split(p, hp.val_fraction, hp.test_fraction, hp.split_seed) for p in patients])
         every = np.arange(len(keys))
@@ -161,6 +176,7 @@ class ImageFileDataModule(L.LightningDataModule):
     def _configure_datasets(self) -> None:
         for dataset in self.datasets.values():
             dataset.page_size, dataset.preprocessing = self.page_size, self.preprocessing
+            dataset.page_cache = self.page_cache
 
     def target_summary(self, name: str, split: str = "train") -> TargetSummary:
         """Per-column counts and sums of one target over a split (heads standardise and weight with it)."""
