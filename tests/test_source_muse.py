@@ -210,3 +210,28 @@ def test_a_record_without_statements_is_unlabelled_not_negative() -> None:
 
     assert statement_targets(["Sinus rhythm"], ["Atrial fibrillation", "Sinus rhythm"]).tolist() == [0.0, 1.0]
     assert np.isnan(statement_targets([], ["Atrial fibrillation", "Sinus rhythm"])).all()
+
+
+def test_confirmation_and_comparison_lines_are_not_labels(sources, tmp_path: Path) -> None:
+    folder = tmp_path / "signed"
+    folder.mkdir()
+    statements = [
+        "Sinus rhythm",
+        "When compared with ECG of 12-MAR-2015 10:04, No significant change was found",
+        "Confirmed by SMITH, JOHN (123) on 3/14/2015 9:11:02 AM",
+    ]
+    write_muse(folder / "MUSE_HR06000.xml", sources["HR06000"], statements)
+    write_muse(folder / "MUSE_E07500.xml", sources["E07500"], ["Sinus bradycardia", "Referred by: Dr. Jones"])
+    summary = convert(folder, tmp_path / "shards", reader="muse_xml", progress=False)
+    # no names or dates in the vocabulary; each record says how many lines it left out, without their text
+    assert Manifest.load(tmp_path / "shards").targets["diagnosis"].names == ["Sinus bradycardia", "Sinus rhythm"]
+    left_out = sorted(w for _, w in summary.warnings if "left out of diagnosis" in w)
+    assert [w.split(" ")[0] for w in left_out] == ["1", "2"] and not any("SMITH" in w for w in left_out)
+
+    everything = convert(
+        folder, tmp_path / "all", reader="muse_xml", reader_options={"exclude_statements": []}, progress=False
+    )
+    assert everything.records_read == 2
+    assert len(Manifest.load(tmp_path / "all").targets["diagnosis"].names) == 5
+    with pytest.raises(ValueError, match=r"muse_xml: exclude_statements '\(' is not a regular expression"):
+        MuseXmlReader(exclude_statements=["("])

@@ -16,7 +16,15 @@ import numpy as np
 from lxml import etree
 
 from ecgfm.data.shards import TargetSpec
-from ecgfm.data.sources.base import Record, RecordError, SourceReader, is_voltage, mv_per_unit, statement_targets
+from ecgfm.data.sources.base import (
+    Record,
+    RecordError,
+    SourceReader,
+    StatementFilter,
+    is_voltage,
+    mv_per_unit,
+    statement_targets,
+)
 from ecgfm.data.sources.muse_xml import find_xml_files, named_leads, parse_xml_file
 from ecgfm.leads import canonical_lead
 from ecgfm.registry import SOURCES
@@ -133,6 +141,9 @@ class AecgXmlReader(SourceReader):
             (default); false (or null) for no target.
         derive_limb_leads: compute III, aVR, aVL, aVF from I and II when the file lacks them.
         pattern: which files under ``--source`` are records (``*.xml``, any case, by default).
+        exclude_statements: regular expressions (matched at the start, any case) of statements that are not
+            findings and stay out of ``diagnosis``; default ``NOT_FINDINGS`` (confirmation, referral and comparison
+            lines, which hold names and dates); ``[]`` keeps every statement.
     """
 
     def __init__(
@@ -141,6 +152,7 @@ class AecgXmlReader(SourceReader):
         diagnosis: bool | None = True,
         derive_limb_leads: bool = True,
         pattern: str = "*.xml",
+        exclude_statements: list[str] | None = None,
     ):
         if str(waveform).lower() not in SERIES_CODES:
             raise ValueError(f"aecg_xml: waveform must be one of {sorted(SERIES_CODES)}, got {waveform!r}")
@@ -150,6 +162,7 @@ class AecgXmlReader(SourceReader):
         self.diagnosis = bool(diagnosis)
         self.derive = bool(derive_limb_leads)
         self.pattern = pattern
+        self.statements = StatementFilter(exclude_statements, "aecg_xml")
 
     def find_records(self, root: Path) -> list[Path]:
         """Every XML file under ``root`` (or ``root`` itself); files of other XML formats fail in ``read``."""
@@ -166,7 +179,7 @@ class AecgXmlReader(SourceReader):
             except RecordError:
                 continue  # reported when the record itself is read
             if root.tag == f"{{{HL7}}}AnnotatedECG":
-                names.update(interpretation_statements(root))
+                names.update(self.statements.findings(interpretation_statements(root)))
         return {"diagnosis": TargetSpec("multilabel", sorted(names))} if names else {}
 
     def targets(self, record: Record, specs: dict[str, TargetSpec]) -> dict[str, np.ndarray]:
@@ -238,7 +251,9 @@ class AecgXmlReader(SourceReader):
             path=path,
             metadata={
                 "sex": sex if sex in ("M", "F") else None,
-                "diagnosis": interpretation_statements(root) if self.diagnosis else [],
+                "diagnosis": self.statements.findings(interpretation_statements(root), warnings)
+                if self.diagnosis
+                else [],
                 "codes": codes,
                 "units": units,
                 "waveform": self.series_code,

@@ -74,6 +74,56 @@ class SourceReader(ABC):
         """Read the record at ``path`` (with or without ``.hea``); raises RecordError if it cannot be read."""
 
 
+#: Statement lines that are no finding about the ECG itself: who confirmed, read or referred it, and comparisons with
+#: an earlier ECG (``Confirmed by SMITH, J (123) on 3/14/2015``, ``When compared with ECG of 12-MAR-2015 ...``). They
+#: hold names and dates and differ from record to record, so as labels they would only carry who and when into the
+#: manifest. Matched case-insensitively at the start of a statement; ``exclude_statements`` replaces the list.
+NOT_FINDINGS: tuple[str, ...] = (
+    r"confirmed by",
+    r"unconfirmed",
+    r"(electronically )?signed",
+    r"referred by",
+    r"reviewed by",
+    r"over-?read by",
+    r"(when )?compared (with|to)",
+)
+
+
+class StatementFilter:
+    """Keeps the findings of a record's interpretation statements and counts the lines left out (``NOT_FINDINGS``,
+    or the reader's ``exclude_statements``: regular expressions matched at the start, case-insensitively)."""
+
+    def __init__(self, exclude: Sequence[str] | None, reader: str):
+        patterns = NOT_FINDINGS if exclude is None else exclude
+        if isinstance(patterns, str):
+            patterns = [patterns]
+        compiled = []
+        for pattern in patterns:
+            try:
+                compiled.append(re.compile(str(pattern), re.IGNORECASE))
+            except re.error as err:
+                raise ValueError(
+                    f"{reader}: exclude_statements {pattern!r} is not a regular expression ({err})"
+                ) from None
+        self.patterns = compiled
+
+    def split(self, statements: Sequence[str]) -> tuple[list[str], int]:
+        """``(findings, number of statements left out)``."""
+        kept = [s for s in statements if not any(p.match(s) for p in self.patterns)]
+        return kept, len(statements) - len(kept)
+
+    def findings(self, statements: Sequence[str], warnings: list[str] | None = None) -> list[str]:
+        """The findings; with ``warnings``, a line saying how many statements were left out (not their text: it
+        holds names and dates)."""
+        kept, left_out = self.split(statements)
+        if left_out and warnings is not None:
+            warnings.append(
+                f"{left_out} interpretation statement{'s' if left_out > 1 else ''} left out of diagnosis: "
+                "not a finding (confirmation, referral or comparison line; exclude_statements)"
+            )
+        return kept
+
+
 def statement_targets(statements: Sequence[str], names: Sequence[str]) -> np.ndarray:
     """A record's interpretation statements as a multi-label row over ``names``: 1 for each of its statements, 0 for
     the others; a record without any statement is unlabelled (a NaN row), since an uninterpreted ECG is not a normal

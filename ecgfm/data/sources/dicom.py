@@ -20,6 +20,7 @@ from ecgfm.data.sources.base import (
     Record,
     RecordError,
     SourceReader,
+    StatementFilter,
     is_voltage,
     mv_per_unit,
     parse_sex,
@@ -135,6 +136,9 @@ class DicomReader(SourceReader):
         derive_limb_leads: compute III, aVR, aVL, aVF from I and II when the file lacks them.
         pattern: which files under ``--source`` are records (``*.dcm``, any case, by default; ``*`` for files
             without a suffix, as archives often store them).
+        exclude_statements: regular expressions (matched at the start, any case) of statements that are not
+            findings and stay out of ``diagnosis``; default ``NOT_FINDINGS`` (confirmation, referral and comparison
+            lines, which hold names and dates); ``[]`` keeps every statement.
     """
 
     def __init__(
@@ -143,6 +147,7 @@ class DicomReader(SourceReader):
         diagnosis: bool | None = True,
         derive_limb_leads: bool = True,
         pattern: str = "*.dcm",
+        exclude_statements: list[str] | None = None,
     ):
         if str(waveform).lower() not in ("rhythm", "median"):
             raise ValueError(f"dicom: waveform must be rhythm or median, got {waveform!r}")
@@ -152,6 +157,7 @@ class DicomReader(SourceReader):
         self.diagnosis = bool(diagnosis)
         self.derive = bool(derive_limb_leads)
         self.pattern = pattern
+        self.statements = StatementFilter(exclude_statements, "dicom")
 
     def find_records(self, root: Path) -> list[Path]:
         """The DICOM files under ``root`` (or ``root`` itself), sorted; other DICOM objects fail in ``read``."""
@@ -171,7 +177,11 @@ class DicomReader(SourceReader):
         names: set[str] = set()
         for path in paths:
             try:
-                names.update(interpretation_statements(self._load(Path(path), ["WaveformAnnotationSequence"])))
+                names.update(
+                    self.statements.findings(
+                        interpretation_statements(self._load(Path(path), ["WaveformAnnotationSequence"]))
+                    )
+                )
             except RecordError:
                 continue  # reported when the record itself is read
         return {"diagnosis": TargetSpec("multilabel", sorted(names))} if names else {}
@@ -293,7 +303,9 @@ class DicomReader(SourceReader):
             metadata={
                 "age": parse_dicom_age(ds.get("PatientAge")),
                 "sex": parse_sex(str(ds.get("PatientSex", "") or "")),
-                "diagnosis": interpretation_statements(ds) if self.diagnosis else [],
+                "diagnosis": self.statements.findings(interpretation_statements(ds), warnings)
+                if self.diagnosis
+                else [],
                 "sop_class": ECG_SOP_CLASSES.get(sop, sop),
                 "sop_instance_uid": str(ds.get("SOPInstanceUID", "") or ""),
                 "multiplex_group": str(group.get("MultiplexGroupLabel", "") or index),

@@ -20,6 +20,7 @@ from ecgfm.data.sources.base import (
     Record,
     RecordError,
     SourceReader,
+    StatementFilter,
     digital_to_mv,
     map_lead_names,
     parse_age,
@@ -172,6 +173,9 @@ class MuseXmlReader(SourceReader):
             read, default), ``OriginalDiagnosis`` (the machine's read), or None for no target.
         derive_limb_leads: compute III, aVR, aVL, aVF from I and II when the file lacks them (as MUSE does).
         pattern: which files under ``--source`` are records (``*.xml``, any case, by default).
+        exclude_statements: regular expressions (matched at the start, any case) of statements that are not
+            findings and stay out of ``diagnosis``; default ``NOT_FINDINGS`` (confirmation, referral and comparison
+            lines, which hold names and dates); ``[]`` keeps every statement.
     """
 
     def __init__(
@@ -180,6 +184,7 @@ class MuseXmlReader(SourceReader):
         diagnosis: str | None = "Diagnosis",
         derive_limb_leads: bool = True,
         pattern: str = "*.xml",
+        exclude_statements: list[str] | None = None,
     ):
         if str(waveform).lower() not in WAVEFORM_TYPES:
             raise ValueError(f"muse_xml: waveform must be one of {sorted(WAVEFORM_TYPES)}, got {waveform!r}")
@@ -189,6 +194,7 @@ class MuseXmlReader(SourceReader):
         self.diagnosis = diagnosis
         self.derive = bool(derive_limb_leads)
         self.pattern = pattern
+        self.statements = StatementFilter(exclude_statements, "muse_xml")
 
     def find_records(self, root: Path) -> list[Path]:
         """Every XML file under ``root`` (or ``root`` itself); files of other XML formats fail in ``read``."""
@@ -201,7 +207,7 @@ class MuseXmlReader(SourceReader):
         names: set[str] = set()
         for path in paths:
             try:
-                names.update(diagnosis_statements(parse_xml_file(path), self.diagnosis))
+                names.update(self.statements.findings(diagnosis_statements(parse_xml_file(path), self.diagnosis)))
             except RecordError:
                 continue  # reported when the record itself is read
         return {"diagnosis": TargetSpec("multilabel", sorted(names))} if names else {}
@@ -274,7 +280,9 @@ class MuseXmlReader(SourceReader):
             metadata={
                 "age": age if age_units == "YEARS" else None,  # an infant's age in months or days is not years
                 "sex": parse_sex(_text(demographics, "Gender")) if demographics is not None else None,
-                "diagnosis": diagnosis_statements(root, self.diagnosis) if self.diagnosis else [],
+                "diagnosis": self.statements.findings(diagnosis_statements(root, self.diagnosis), warnings)
+                if self.diagnosis
+                else [],
                 "acquisition": acquisition,
                 "waveform": self.waveform,
                 "units": units,
