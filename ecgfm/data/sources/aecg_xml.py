@@ -15,15 +15,14 @@ from pathlib import Path
 import numpy as np
 from lxml import etree
 
-from ecgfm.data.shards import TargetSpec
 from ecgfm.data.sources.base import (
     Record,
     RecordError,
     SourceReader,
     StatementFilter,
+    StatementTargets,
     is_voltage,
     mv_per_unit,
-    statement_targets,
 )
 from ecgfm.data.sources.muse_xml import find_xml_files, named_leads, parse_xml_file
 from ecgfm.leads import canonical_lead
@@ -127,7 +126,7 @@ def _series(root: etree._Element, code: str, path: Path) -> etree._Element:
 
 
 @SOURCES.register("aecg_xml")
-class AecgXmlReader(SourceReader):
+class AecgXmlReader(StatementTargets, SourceReader):
     """HL7 aECG files: the rhythm series (or the representative beats) in mV, leads named from their MDC codes,
     the interpretation statements as the multi-label target ``diagnosis``.
 
@@ -163,30 +162,15 @@ class AecgXmlReader(SourceReader):
         self.derive = bool(derive_limb_leads)
         self.pattern = pattern
         self.statements = StatementFilter(exclude_statements, "aecg_xml")
+        self.reads_statements = self.diagnosis
 
     def find_records(self, root: Path) -> list[Path]:
         """Every XML file under ``root`` (or ``root`` itself); files of other XML formats fail in ``read``."""
         return find_xml_files(root, self.pattern)
 
-    def target_specs(self, paths: list[Path]) -> dict[str, TargetSpec]:
-        """The ``diagnosis`` target: every statement met in these files, sorted (none when no file has one)."""
-        if not self.diagnosis:
-            return {}
-        names: set[str] = set()
-        for path in paths:
-            try:
-                root = parse_xml_file(path)
-            except RecordError:
-                continue  # reported when the record itself is read
-            if root.tag == f"{{{HL7}}}AnnotatedECG":
-                names.update(self.statements.findings(interpretation_statements(root)))
-        return {"diagnosis": TargetSpec("multilabel", sorted(names))} if names else {}
-
-    def targets(self, record: Record, specs: dict[str, TargetSpec]) -> dict[str, np.ndarray]:
-        """1 for each of the record's statements, 0 for the others; NaN (unlabelled) for a record without any."""
-        if "diagnosis" not in specs:
-            return {}
-        return {"diagnosis": statement_targets(record.metadata.get("diagnosis", []), specs["diagnosis"].names)}
+    def file_statements(self, path: Path) -> list[str]:
+        root = parse_xml_file(path)
+        return interpretation_statements(root) if root.tag == f"{{{HL7}}}AnnotatedECG" else []
 
     def read(self, path: Path) -> Record:
         """Read one aECG file as float32 mV [L, T]; the trial subject's id is the patient id, the interpretation

@@ -124,6 +124,38 @@ class StatementFilter:
         return kept
 
 
+class StatementTargets:
+    """For readers whose files carry interpretation statements: the findings become the multi-label target
+    ``diagnosis``, whose labels are every finding met in the folder. A reader sets ``statements`` (a
+    :class:`StatementFilter`) and ``reads_statements``, implements :meth:`file_statements`, and puts a record's
+    findings in its metadata as ``diagnosis``."""
+
+    statements: StatementFilter
+    reads_statements: bool
+
+    def file_statements(self, path: Path) -> list[str]:
+        """Every statement of one file, as it stands (a RecordError for a file that cannot be read)."""
+        raise NotImplementedError
+
+    def target_specs(self, paths: list[Path]) -> dict[str, TargetSpec]:
+        """The ``diagnosis`` target: every finding met in these files, sorted (none when no file has one)."""
+        if not self.reads_statements:
+            return {}
+        names: set[str] = set()
+        for path in paths:
+            try:
+                names.update(self.statements.findings(self.file_statements(Path(path))))
+            except RecordError:
+                continue  # reported when the record itself is read
+        return {"diagnosis": TargetSpec("multilabel", sorted(names))} if names else {}
+
+    def targets(self, record: Record, specs: dict[str, TargetSpec]) -> dict[str, np.ndarray]:
+        """1 for each of the record's findings, 0 for the others; NaN (unlabelled) for a record without any."""
+        if "diagnosis" not in specs:
+            return {}
+        return {"diagnosis": statement_targets(record.metadata.get("diagnosis", []), specs["diagnosis"].names)}
+
+
 def statement_targets(statements: Sequence[str], names: Sequence[str]) -> np.ndarray:
     """A record's interpretation statements as a multi-label row over ``names``: 1 for each of its statements, 0 for
     the others; a record without any statement is unlabelled (a NaN row), since an uninterpreted ECG is not a normal

@@ -15,16 +15,15 @@ from typing import Any
 
 import numpy as np
 
-from ecgfm.data.shards import TargetSpec
 from ecgfm.data.sources.base import (
     Record,
     RecordError,
     SourceReader,
     StatementFilter,
+    StatementTargets,
     is_voltage,
     mv_per_unit,
     parse_sex,
-    statement_targets,
 )
 from ecgfm.data.sources.muse_xml import named_leads
 from ecgfm.leads import canonical_lead
@@ -121,7 +120,7 @@ def parse_dicom_age(text: str | None) -> int | None:
 
 
 @SOURCES.register("dicom")
-class DicomReader(SourceReader):
+class DicomReader(StatementTargets, SourceReader):
     """DICOM ECG waveform files: the rhythm multiplex group (or the median beats) in mV, leads named from each
     channel's source code, the interpretation statements as the multi-label target ``diagnosis``.
 
@@ -158,6 +157,7 @@ class DicomReader(SourceReader):
         self.derive = bool(derive_limb_leads)
         self.pattern = pattern
         self.statements = StatementFilter(exclude_statements, "dicom")
+        self.reads_statements = self.diagnosis
 
     def find_records(self, root: Path) -> list[Path]:
         """The DICOM files under ``root`` (or ``root`` itself), sorted; other DICOM objects fail in ``read``."""
@@ -170,27 +170,8 @@ class DicomReader(SourceReader):
             return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() == ".dcm")
         return sorted(p for p in root.rglob(self.pattern) if p.is_file() and not p.name.startswith("."))
 
-    def target_specs(self, paths: list[Path]) -> dict[str, TargetSpec]:
-        """The ``diagnosis`` target: every statement met in these files, sorted (none when no file has one)."""
-        if not self.diagnosis:
-            return {}
-        names: set[str] = set()
-        for path in paths:
-            try:
-                names.update(
-                    self.statements.findings(
-                        interpretation_statements(self._load(Path(path), ["WaveformAnnotationSequence"]))
-                    )
-                )
-            except RecordError:
-                continue  # reported when the record itself is read
-        return {"diagnosis": TargetSpec("multilabel", sorted(names))} if names else {}
-
-    def targets(self, record: Record, specs: dict[str, TargetSpec]) -> dict[str, np.ndarray]:
-        """1 for each of the record's statements, 0 for the others; NaN (unlabelled) for a record without any."""
-        if "diagnosis" not in specs:
-            return {}
-        return {"diagnosis": statement_targets(record.metadata.get("diagnosis", []), specs["diagnosis"].names)}
+    def file_statements(self, path: Path) -> list[str]:
+        return interpretation_statements(self._load(path, ["WaveformAnnotationSequence"]))
 
     def _load(self, path: Path, tags: list[str] | None = None) -> Any:
         """The dataset of ``path`` (only ``tags`` when given); a RecordError for a missing, non-DICOM or damaged

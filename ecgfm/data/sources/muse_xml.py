@@ -15,17 +15,16 @@ from pathlib import Path
 import numpy as np
 from lxml import etree
 
-from ecgfm.data.shards import TargetSpec
 from ecgfm.data.sources.base import (
     Record,
     RecordError,
     SourceReader,
     StatementFilter,
+    StatementTargets,
     digital_to_mv,
     map_lead_names,
     parse_age,
     parse_sex,
-    statement_targets,
 )
 from ecgfm.leads import STANDARD_LEADS
 from ecgfm.registry import SOURCES
@@ -163,7 +162,7 @@ def _decode_lead(lead: etree._Element, name: str, path: Path) -> np.ndarray:
 
 
 @SOURCES.register("muse_xml")
-class MuseXmlReader(SourceReader):
+class MuseXmlReader(StatementTargets, SourceReader):
     """GE MUSE XML files: the 10-s rhythm leads (or the median beats) in mV, limb leads derived, MUSE's
     diagnosis statements as the multi-label target ``diagnosis``.
 
@@ -195,28 +194,14 @@ class MuseXmlReader(SourceReader):
         self.derive = bool(derive_limb_leads)
         self.pattern = pattern
         self.statements = StatementFilter(exclude_statements, "muse_xml")
+        self.reads_statements = diagnosis is not None
 
     def find_records(self, root: Path) -> list[Path]:
         """Every XML file under ``root`` (or ``root`` itself); files of other XML formats fail in ``read``."""
         return find_xml_files(root, self.pattern)
 
-    def target_specs(self, paths: list[Path]) -> dict[str, TargetSpec]:
-        """The ``diagnosis`` target: every statement met in these files, sorted (none when no file has one)."""
-        if self.diagnosis is None:
-            return {}
-        names: set[str] = set()
-        for path in paths:
-            try:
-                names.update(self.statements.findings(diagnosis_statements(parse_xml_file(path), self.diagnosis)))
-            except RecordError:
-                continue  # reported when the record itself is read
-        return {"diagnosis": TargetSpec("multilabel", sorted(names))} if names else {}
-
-    def targets(self, record: Record, specs: dict[str, TargetSpec]) -> dict[str, np.ndarray]:
-        """1 for each of the record's statements, 0 for the others; NaN (unlabelled) for a record without any."""
-        if "diagnosis" not in specs:
-            return {}
-        return {"diagnosis": statement_targets(record.metadata.get("diagnosis", []), specs["diagnosis"].names)}
+    def file_statements(self, path: Path) -> list[str]:
+        return diagnosis_statements(parse_xml_file(path), self.diagnosis)
 
     def read(self, path: Path) -> Record:
         """Read one MUSE file as float32 mV [L, T]; ``diagnosis``, age and sex go to the metadata."""
