@@ -209,14 +209,19 @@ def _median_filter_graph(x: Tensor, kernel: int) -> Tensor:
     return torch.cat(steps, dim=-1)[..., :n_time].to(x.dtype)
 
 
+@torch.compiler.disable  # torch.compile runs it as it is, instead of tracing into scipy and breaking the graph there
+def _median_filter_scipy(x: Tensor, kernel: int) -> Tensor:
+    """scipy's 1-D medfilt, row by row: the same zero-padded medians as unfold+median, ~20x faster on the CPU."""
+    rows = x.numpy()
+    return torch.from_numpy(np.stack([scipy.signal.medfilt(row, kernel) for row in rows]).astype(rows.dtype))
+
+
 def _median_filter(x: Tensor, kernel: int) -> Tensor:
     """Running median of each row of ``x`` [N, T] with zero-padded edges, as scipy.signal.medfilt."""
     if _recording_graph():
         return _median_filter_graph(x, kernel)
     if x.device.type == "cpu" and not x.requires_grad:
-        # scipy's 1-D medfilt, row by row, gives the same zero-padded medians ~20x faster than unfold+median
-        rows = x.numpy()
-        return torch.from_numpy(np.stack([scipy.signal.medfilt(row, kernel) for row in rows]).astype(rows.dtype))
+        return _median_filter_scipy(x, kernel)
     half = kernel // 2
     padded = F.pad(x, (half, half))
     out = torch.empty_like(x)
@@ -225,6 +230,21 @@ def _median_filter(x: Tensor, kernel: int) -> Tensor:
         windows = padded[start : start + rows].unfold(-1, kernel, 1)
         out[start : start + rows] = windows.median(dim=-1).values
     return out
+
+
+def _next_fast_len(target: int) -> int:
+    """The smallest 2^a 3^b 5^c >= ``target``: ``scipy.fft.next_fast_len(target, real=True)`` in plain Python, which
+    torch.compile traces (scipy's is a C function behind an lru_cache, a graph break in every filter pass)."""
+    best = 1 << max(target - 1, 0).bit_length()
+    p5 = 1
+    while p5 < best:
+        p35 = p5
+        while p35 < best:
+            quotient = -(-target // p35)
+            best = min(best, p35 << max(quotient - 1, 0).bit_length())
+            p35 *= 3
+        p5 *= 5
+    return best
 
 
 def _steady_state_responses(b: np.ndarray, a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -299,9 +319,10 @@ class _FiltFilt:
         h, r = self._taps(x.device, x.dtype)
         n = x.shape[-1]
         k = min(h.shape[0], n)  # taps beyond n never reach an output sample
-        n_fft = scipy.fft.next_fast_len(n + k - 1, real=True)  # no circular wrap into the first n outputs
         if _recording_graph():  # ONNX Runtime's DFT is a fast radix-2 FFT only for powers of two (~20x faster)
             n_fft = 1 << int(n + k - 2).bit_length()
+        else:
+            n_fft = _next_fast_len(n + k - 1)  # no circular wrap into the first n outputs
         y = torch.fft.irfft(torch.fft.rfft(x, n_fft) * torch.fft.rfft(h[:k], n_fft), n_fft)[..., :n]
         transient = r[:n] if r.shape[0] >= n else F.pad(r, (0, n - r.shape[0]))
         return y + x[..., :1] * transient

@@ -221,3 +221,22 @@ def test_median_filter_gpu_path_equals_cpu_path():
     fast = _median_filter(x, 201)
     unfold = _median_filter(x.clone().requires_grad_(True), 201).detach()  # requires_grad forces the torch path
     torch.testing.assert_close(fast, unfold, rtol=0, atol=0)
+
+
+def test_under_torch_compile_the_chain_breaks_only_around_the_cpu_median_and_gives_the_same_values(
+    chain: ECGFounderPreprocessing,
+) -> None:
+    """scipy's next_fast_len (C, behind an lru_cache) broke the graph in every filter pass; the FFT length is now
+    plain Python, and only the CPU median (scipy, run as it is) stays outside the graph."""
+    import scipy.fft
+
+    from ecgfm.signal import _next_fast_len
+
+    assert all(_next_fast_len(m) == scipy.fft.next_fast_len(m, real=True) for m in range(1, 20000))
+    x = torch.randn(2, 12, 5000, generator=torch.Generator().manual_seed(0))
+    explained = torch._dynamo.explain(chain)(x)
+    assert explained.graph_break_count == 1, [str(b.reason)[:200] for b in explained.break_reasons]
+    assert "_median_filter_scipy" in str(explained.break_reasons[0].reason)
+    torch._dynamo.reset()
+    compiled = torch.compile(chain, backend="eager")  # dynamo's graphs run eagerly: the test checks tracing
+    torch.testing.assert_close(compiled(x), chain(x), rtol=0, atol=0)
