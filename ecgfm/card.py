@@ -141,7 +141,8 @@ def render_card(config: Mapping[str, Any], labels: Mapping[str, Any]) -> str:
         if data:
             lines += [f"Measured on: {data}", ""]
         rows = [r for r in metrics if str(r.get("data", "")) == data]
-        if any("low" in r for r in rows):
+        with_intervals = any("low" in r for r in rows)
+        if with_intervals:
             lines += ["| split | metric | value | interval |", "| --- | --- | --- | --- |"]
         else:
             lines += ["| split | metric | value |", "| --- | --- | --- |"]
@@ -149,7 +150,7 @@ def render_card(config: Mapping[str, Any], labels: Mapping[str, Any]) -> str:
             value = row.get("value")
             shown = f"{value:.4g}" if isinstance(value, (int, float)) else str(value)
             cells = [_cell(row.get("split", "")), _cell(row.get("metric", "")), shown]
-            if any("low" in r for r in rows):
+            if with_intervals:
                 level = row.get("level")
                 named = f"{float(level):.0%} " if isinstance(level, (int, float)) else ""
                 cells.append(f"{named}{row['low']:.4g}–{row['high']:.4g}" if "low" in row else "")

@@ -162,7 +162,6 @@ class AecgXmlReader(StatementTargets, SourceReader):
         self.derive = bool(derive_limb_leads)
         self.pattern = pattern
         self.statements = StatementFilter(exclude_statements, "aecg_xml")
-        self.reads_statements = self.diagnosis
 
     def find_records(self, root: Path) -> list[Path]:
         """Every XML file under ``root`` (or ``root`` itself); files of other XML formats fail in ``read``."""

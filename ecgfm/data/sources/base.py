@@ -9,6 +9,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -127,19 +128,19 @@ class StatementFilter:
 class StatementTargets:
     """For readers whose files carry interpretation statements: the findings become the multi-label target
     ``diagnosis``, whose labels are every finding met in the folder. A reader sets ``statements`` (a
-    :class:`StatementFilter`) and ``reads_statements``, implements :meth:`file_statements`, and puts a record's
-    findings in its metadata as ``diagnosis``."""
+    :class:`StatementFilter`) and ``diagnosis`` (falsy: no target), implements :meth:`file_statements`, and puts a
+    record's findings in its metadata as ``diagnosis``."""
 
     statements: StatementFilter
-    reads_statements: bool
+    diagnosis: Any
 
+    @abstractmethod
     def file_statements(self, path: Path) -> list[str]:
         """Every statement of one file, as it stands (a RecordError for a file that cannot be read)."""
-        raise NotImplementedError
 
     def target_specs(self, paths: list[Path]) -> dict[str, TargetSpec]:
         """The ``diagnosis`` target: every finding met in these files, sorted (none when no file has one)."""
-        if not self.reads_statements:
+        if not self.diagnosis:
             return {}
         names: set[str] = set()
         for path in paths:

@@ -157,7 +157,6 @@ class DicomReader(StatementTargets, SourceReader):
         self.derive = bool(derive_limb_leads)
         self.pattern = pattern
         self.statements = StatementFilter(exclude_statements, "dicom")
-        self.reads_statements = self.diagnosis
 
     def find_records(self, root: Path) -> list[Path]:
         """The DICOM files under ``root`` (or ``root`` itself), sorted; other DICOM objects fail in ``read``."""

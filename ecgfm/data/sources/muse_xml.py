@@ -194,7 +194,6 @@ class MuseXmlReader(StatementTargets, SourceReader):
         self.derive = bool(derive_limb_leads)
         self.pattern = pattern
         self.statements = StatementFilter(exclude_statements, "muse_xml")
-        self.reads_statements = diagnosis is not None
 
     def find_records(self, root: Path) -> list[Path]:
         """Every XML file under ``root`` (or ``root`` itself); files of other XML formats fail in ``read``."""
